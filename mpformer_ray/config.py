@@ -1,0 +1,340 @@
+"""One typed config system for model, data, training and storage.
+
+A config is a tree of dataclasses. It is built from a preset name (``tiny``,
+``r50``, ... resolved to ``configs/<name>.yaml``) or a YAML path, then dotted
+overrides (``model.pilot.groups=3``) are applied. Unknown keys anywhere are an
+error that names the key, the file and the valid choices.
+
+YAML presets may say ``base: other_preset`` to start from another preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_PRESET = "tiny"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the field and the fix."""
+
+
+@dataclass
+class PilotConfig:
+    """Mask-piloted training (training only; inference never builds pilot queries)."""
+
+    enabled: bool = True
+    groups: int = 1
+    mask_noise: Literal["none", "point", "shift", "scale"] = "point"
+    noise_ratio: float = 0.0
+    label_noise: float = 0.2
+    layers: str | int = "all"  # "all" or the number of leading decoder layers piloted
+    class_loss: bool = True
+
+
+@dataclass
+class InferenceConfig:
+    """Post-processing (Mask2Former's defaults)."""
+
+    semantic_on: bool = True
+    instance_on: bool = True
+    panoptic_on: bool = True
+    object_mask_threshold: float = 0.8
+    overlap_threshold: float = 0.8
+    max_detections: int = 100
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["resnet18", "resnet50", "resnet101", "swin_t", "swin_s", "swin_b"] = "resnet50"
+    pretrained: str | None = None  # local path or s3:// URI of a torchvision state dict
+    backbone_norm: Literal["frozen", "group"] = "frozen"  # "group" trains from scratch
+    num_classes: int = 133
+    thing_classes: list[int] | None = None  # contiguous ids of "thing" classes; None = all
+    num_queries: int = 100
+    hidden_dim: int = 256
+    nheads: int = 8
+    dim_feedforward: int = 2048
+    dec_layers: int = 9
+    enc_layers: int = 6
+    enc_dim_feedforward: int = 1024
+    enc_n_points: int = 4
+    mask_dim: int = 256
+    dropout: float = 0.0
+    size_divisibility: int = 32
+    # criterion
+    train_num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    pilot: PilotConfig = field(default_factory=PilotConfig)
+    test: InferenceConfig = field(default_factory=InferenceConfig)
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded default dataset, generated on first use in the real COCO layout."""
+
+    root: str = "~/.cache/mpformer-ray/synthetic"
+    num_train: int = 256
+    num_val: int = 32
+    image_size: int = 128
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # URI of prepared records (directory holding manifest.json); "" = synthetic
+    val: str = ""
+    augmentation: Literal["lsj", "resize_crop", "none"] = "lsj"
+    crop_size: list[int] = field(default_factory=lambda: [1024, 1024])  # [H, W]
+    min_scale: float = 0.1
+    max_scale: float = 2.0
+    flip: bool = True
+    cat_max_ratio: float = 1.0  # resize_crop: retry crops where one class covers more
+    test_short_side: int = 800
+    test_max_size: int = 1333
+    cpus_per_task: float = 0.25  # Ray Data decode/augment task CPU request
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 90000
+    batch_size: int = 2  # per worker
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    backbone_lr_mult: float = 0.1
+    warmup_iters: int = 0
+    poly_power: float = 0.9
+    clip_grad: float = 0.01
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    log_period: int = 20
+    eval_period: int = 5000  # 0 = only at the end
+    eval_max_images: int = 0  # 0 = the whole validation split
+    checkpoint_period: int = 5000
+    keep_checkpoints: int = 2
+    max_failures: int = 3
+    seed: int = 0
+    fail_at_iter: int = -1  # fault injection for tests: a worker dies once at this iteration
+
+
+@dataclass
+class StorageConfig:
+    uri: str = "./runs"  # local directory or s3://bucket/prefix
+    endpoint_url: str | None = None  # else AWS_ENDPOINT_URL, else AWS's default
+
+
+@dataclass
+class RunConfig:
+    name: str = "mpformer"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against annotation ``tp`` (converting YAML scalars where exact)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        args = typing.get_args(tp)
+        # try the exact type first so "all" stays a str and 3 stays an int
+        for arg in sorted(args, key=lambda a: a is type(None) or a is str):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} matches none of {[_type_name(a) for a in args]}")
+    if tp is type(None):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of fields, got {value!r}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str, base: Any = None) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(repr(u) for u in unknown)}; valid keys are {names}"
+        )
+    obj = base if base is not None else cls()
+    for key, value in data.items():
+        sub = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            _build(hints[key], value, sub, base=getattr(obj, key))
+        else:
+            setattr(obj, key, _coerce(value, hints[key], sub))
+    return obj
+
+
+def _preset_path(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    preset = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not preset.exists():
+        available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {name_or_path!r}; choose one of {available} or give a .yaml path")
+    return preset
+
+
+def _load_yaml_chain(name_or_path: str, seen: tuple[str, ...] = ()) -> list[tuple[Path, dict]]:
+    path = _preset_path(name_or_path)
+    if str(path) in seen:
+        raise ConfigError(f"{path}: 'base' presets form a cycle: {' -> '.join(seen)}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    chain = _load_yaml_chain(base, seen + (str(path),)) if base else []
+    return chain + [(path, data)]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=c"`` -> (["a", "b"], YAML-parsed c)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(preset: str | Path = DEFAULT_PRESET, overrides: list[str] | None = None) -> Config:
+    """Build a Config from a preset name or YAML path plus dotted ``key=value`` overrides."""
+    cfg = Config()
+    for path, data in _load_yaml_chain(str(preset)):
+        try:
+            _build(Config, data, "", base=cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        try:
+            _build(Config, nested, "", base=cfg)
+        except ConfigError as e:
+            raise ConfigError(f"override {text!r}: {e}") from None
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with ``Config.to_dict()`` (e.g. inside a checkpoint)."""
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single field's type cannot express."""
+    m, p = cfg.model, cfg.model.pilot
+    problems = []
+    if m.num_classes < 1:
+        problems.append("model.num_classes must be >= 1")
+    if m.num_queries < 1:
+        problems.append("model.num_queries must be >= 1")
+    if m.hidden_dim % m.nheads:
+        problems.append(f"model.hidden_dim ({m.hidden_dim}) must be divisible by model.nheads ({m.nheads})")
+    if m.dec_layers < 1:
+        problems.append("model.dec_layers must be >= 1")
+    if m.thing_classes is not None and any(not 0 <= c < m.num_classes for c in m.thing_classes):
+        problems.append(f"model.thing_classes must lie in [0, {m.num_classes}); got {m.thing_classes}")
+    if p.groups < 1:
+        problems.append("model.pilot.groups must be >= 1 (disable with model.pilot.enabled=false)")
+    if not 0.0 <= p.label_noise <= 1.0:
+        problems.append(f"model.pilot.label_noise must lie in [0, 1]; got {p.label_noise}")
+    if p.noise_ratio < 0.0:
+        problems.append(f"model.pilot.noise_ratio must be >= 0; got {p.noise_ratio}")
+    if isinstance(p.layers, str) and p.layers != "all":
+        problems.append(f"model.pilot.layers must be 'all' or an integer; got {p.layers!r}")
+    if isinstance(p.layers, int) and not 1 <= p.layers <= m.dec_layers:
+        problems.append(f"model.pilot.layers must lie in [1, {m.dec_layers}] (model.dec_layers); got {p.layers}")
+    t = cfg.train
+    if t.batch_size < 1 or t.workers < 1 or t.max_iters < 1:
+        problems.append("train.batch_size, train.workers and train.max_iters must be >= 1")
+    if len(cfg.data.crop_size) != 2:
+        problems.append(f"data.crop_size must be [height, width]; got {cfg.data.crop_size}")
+    if not cfg.run.name or "/" in cfg.run.name:
+        problems.append(f"run.name must be a non-empty name without '/'; got {cfg.run.name!r}")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def piloted_layers(cfg: ModelConfig) -> int:
+    """Number of leading decoder layers whose pilot queries get ground-truth attention masks."""
+    return cfg.dec_layers if cfg.pilot.layers == "all" else int(cfg.pilot.layers)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,134 @@
+"""One storage layer for records, checkpoints and Tune: local paths and ``s3://`` URIs.
+
+Everything goes through ``pyarrow.fs`` so Ray Data (``read_parquet(filesystem=...)``)
+and Ray Train (``RunConfig(storage_filesystem=...)``) share the exact same client.
+S3 endpoint: the explicit ``endpoint_url`` argument (config ``storage.endpoint_url``),
+else ``AWS_ENDPOINT_URL``, else AWS's default. Credentials come only from the standard
+AWS environment variables / config files; nothing here logs or stores them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    """A URI cannot be reached or read; the message names the URI and the fix."""
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    uri = str(uri)
+    if is_s3(uri):
+        return posixpath.join(uri, *parts)
+    return str(Path(uri).expanduser().joinpath(*parts))
+
+
+@functools.lru_cache(maxsize=8)
+def _s3(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
+    kwargs = {"region": region}
+    if endpoint_url:
+        scheme, _, host = endpoint_url.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    return pafs.S3FileSystem(**kwargs, connect_timeout=10, request_timeout=60)
+
+
+def endpoint_for(endpoint_url: str | None = None) -> str | None:
+    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def resolve(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """URI -> (pyarrow filesystem, path inside it)."""
+    uri = str(uri)
+    if is_s3(uri):
+        path = uri[len("s3://"):].rstrip("/")
+        if not path:
+            raise StorageError(f"{uri!r} names no bucket; use s3://BUCKET/prefix")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return _s3(endpoint_for(endpoint_url), region), path
+    if "://" in uri:
+        raise StorageError(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def _wrap(uri: str, err: Exception) -> StorageError:
+    hint = ""
+    if is_s3(uri):
+        hint = (
+            " (check the bucket exists, AWS_ENDPOINT_URL / storage.endpoint_url points at a running"
+            " S3 service, and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an AWS profile grant access)"
+        )
+    return StorageError(f"storage error at {uri}: {type(err).__name__}: {err}{hint}")
+
+
+def exists(uri: str, endpoint_url: str | None = None) -> bool:
+    fs, path = resolve(uri, endpoint_url)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as e:
+        raise _wrap(uri, e) from e
+
+
+def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
+    fs, path = resolve(uri, endpoint_url)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise StorageError(f"{uri} does not exist") from e
+    except OSError as e:
+        raise _wrap(uri, e) from e
+
+
+def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
+    """Write a whole object. Local files are written to a temporary name and renamed, so a
+    reader never sees a partial file; an S3 PUT is atomic by itself."""
+    fs, path = resolve(uri, endpoint_url)
+    try:
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+        target = path if is_s3(uri) else f"{path}.tmp-{uuid.uuid4().hex}"
+        with fs.open_output_stream(target) as f:
+            f.write(data)
+        if target != path:
+            fs.move(target, path)
+    except OSError as e:
+        raise _wrap(uri, e) from e
+
+
+def listdir(uri: str, endpoint_url: str | None = None) -> list[str]:
+    """Names (not paths) directly under ``uri``; empty when it does not exist."""
+    fs, path = resolve(uri, endpoint_url)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as e:
+        raise _wrap(uri, e) from e
+    return sorted(posixpath.basename(i.path) for i in infos)
+
+
+def delete(uri: str, endpoint_url: str | None = None) -> None:
+    """Remove a file or a whole directory tree; missing is fine."""
+    fs, path = resolve(uri, endpoint_url)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(path)
+    except OSError as e:
+        raise _wrap(uri, e) from e
+
+
+def check_writable(uri: str, endpoint_url: str | None = None) -> None:
+    """Fail fast (before any worker starts) when ``uri`` cannot be written."""
+    probe = join(uri, f".write-probe-{uuid.uuid4().hex}")
+    write_bytes(probe, b"ok", endpoint_url)
+    delete(probe, endpoint_url)
