@@ -1,0 +1,295 @@
+"""The record format every converter writes and every reader reads.
+
+A prepared split is a directory (local or ``s3://``) holding ``manifest.json`` and sharded
+Parquet files ``part-00000.parquet``, ... with one row per image:
+
+    image_id int64, file_name string (relative to the dataset root), height int32, width int32,
+    image binary (the source file's bytes, never re-encoded),
+    segments list<struct<id int64, category_id int32 (contiguous train id), iscrowd bool,
+                         area int64, bbox list<float64> (x, y, w, h),
+                         rle binary (COCO compressed RLE counts; size = height, width)>>,
+    sem_seg binary nullable (PNG of a uint8 label map, 255 = ignore)
+
+``write_dataset`` converts small picklable work items in parallel, one shard per task; each
+shard lands atomically with a ``part-XXXXX.report.json`` sidecar, so a rerun skips finished
+shards. The manifest is written last and says what was skipped or repaired and why.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from pycocotools import mask as mask_util
+
+from mpformer_ray import storage
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+_EXAMPLES_PER_REASON = 5
+
+SEGMENT_TYPE = pa.struct([
+    ("id", pa.int64()),
+    ("category_id", pa.int32()),
+    ("iscrowd", pa.bool_()),
+    ("area", pa.int64()),
+    ("bbox", pa.list_(pa.float64())),
+    ("rle", pa.binary()),
+])
+SCHEMA = pa.schema([
+    ("image_id", pa.int64()),
+    ("file_name", pa.string()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("image", pa.binary()),
+    ("segments", pa.list_(SEGMENT_TYPE)),
+    ("sem_seg", pa.binary()),
+])
+
+
+class DataError(ValueError):
+    """Bad dataset input; the message names the file and the fix."""
+
+
+class ConversionReport:
+    """Counts what happened to bad input: ``skipped`` (the image is left out), ``repaired``
+    (the image is kept, the bad part dropped) and ``kept`` (unusual but valid, e.g. an image
+    with no annotations). With ``strict`` any skip or repair raises a DataError naming the file."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+        self.skipped: dict[str, int] = {}
+        self.repaired: dict[str, int] = {}
+        self.kept: dict[str, int] = {}
+        self.examples: dict[str, list[str]] = {}
+
+    def _count(self, table: dict[str, int], reason: str, file: str) -> None:
+        table[reason] = table.get(reason, 0) + 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < _EXAMPLES_PER_REASON and file not in examples:
+            examples.append(file)
+
+    def _fail(self, what: str, reason: str, file: str, detail: str) -> None:
+        raise DataError(
+            f"{file}: {reason}{': ' + detail if detail else ''} ({what} without --strict); fix or remove the file, "
+            "or rerun without --strict to skip bad input and have it counted in the manifest"
+        )
+
+    def skip(self, reason: str, file: str, detail: str = "") -> None:
+        if self.strict:
+            self._fail("the image would be skipped", reason, file, detail)
+        self._count(self.skipped, reason, file)
+
+    def repair(self, reason: str, file: str, detail: str = "") -> None:
+        if self.strict:
+            self._fail("the bad part would be dropped", reason, file, detail)
+        self._count(self.repaired, reason, file)
+
+    def keep(self, reason: str, file: str) -> None:
+        self._count(self.kept, reason, file)
+
+    def merge(self, other: ConversionReport) -> None:
+        self.merge_dict(other.to_dict())
+
+    def merge_dict(self, data: dict) -> None:
+        for name in ("skipped", "repaired", "kept"):
+            table = getattr(self, name)
+            for reason, n in data.get(name, {}).items():
+                table[reason] = table.get(reason, 0) + n
+        for reason, files in data.get("examples", {}).items():
+            examples = self.examples.setdefault(reason, [])
+            examples.extend(f for f in files if f not in examples)
+            del examples[_EXAMPLES_PER_REASON:]
+
+    def to_dict(self) -> dict:
+        return {"skipped": dict(self.skipped), "repaired": dict(self.repaired), "kept": dict(self.kept),
+                "examples": {k: list(v) for k, v in self.examples.items()}}
+
+
+def encode_mask(mask: np.ndarray) -> dict:
+    """bool [H, W] -> COCO compressed RLE {"size": [H, W], "counts": bytes}."""
+    return mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+
+
+def encode_png(label: np.ndarray) -> bytes:
+    """uint8 [H, W] label map -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(label.astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_row(*, image_id: int, file_name: str, image_bytes: bytes, height: int, width: int,
+             segments: list[dict], sem_seg: np.ndarray | None) -> dict:
+    """One Parquet row. ``segments``: {"id", "category_id", "iscrowd"} plus either "mask"
+    (bool [H, W]) or "rle" (COCO RLE dict, compressed or not, of size [H, W]).
+    ``sem_seg``: uint8 [H, W] (255 = ignore) or None."""
+    out = []
+    for seg in segments:
+        if "mask" in seg:
+            if seg["mask"].shape != (height, width):
+                raise ValueError(f"{file_name}: segment {seg['id']} mask is {seg['mask'].shape}, "
+                                 f"image is {(height, width)}")
+            rle = encode_mask(seg["mask"])
+        else:
+            rle = seg["rle"]
+            if list(rle["size"]) != [height, width]:
+                raise ValueError(f"{file_name}: segment {seg['id']} RLE size {rle['size']}, image is {[height, width]}")
+            if not isinstance(rle["counts"], (bytes, str)):
+                rle = mask_util.frPyObjects(rle, height, width)
+        counts = rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"]
+        rle = {"size": [height, width], "counts": counts}
+        out.append({
+            "id": int(seg["id"]), "category_id": int(seg["category_id"]), "iscrowd": bool(seg["iscrowd"]),
+            "area": int(mask_util.area(rle)), "bbox": [float(v) for v in mask_util.toBbox(rle)], "rle": counts,
+        })
+    if sem_seg is not None and sem_seg.shape != (height, width):
+        raise ValueError(f"{file_name}: sem_seg is {sem_seg.shape}, image is {(height, width)}")
+    return {"image_id": int(image_id), "file_name": file_name, "height": int(height), "width": int(width),
+            "image": image_bytes, "segments": out, "sem_seg": None if sem_seg is None else encode_png(sem_seg)}
+
+
+def decode_row(row: dict) -> dict:
+    """One Parquet row (a python dict) -> {"image_id", "file_name", "image": uint8 [H, W, 3],
+    "segments": [{"id", "category_id", "iscrowd", "mask": bool [H, W]}], "sem_seg": uint8 [H, W] or None}."""
+    height, width = int(row["height"]), int(row["width"])
+    image = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB"))
+    segments = [{
+        "id": int(s["id"]), "category_id": int(s["category_id"]), "iscrowd": bool(s["iscrowd"]),
+        "mask": mask_util.decode({"size": [height, width], "counts": s["rle"]}).astype(bool),
+    } for s in ([] if row["segments"] is None else row["segments"])]
+    sem = row.get("sem_seg")
+    return {"image_id": int(row["image_id"]), "file_name": row["file_name"], "image": image, "segments": segments,
+            "sem_seg": None if sem is None else np.asarray(Image.open(io.BytesIO(sem)))}
+
+
+def _shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def _report_name(index: int) -> str:
+    return f"part-{index:05d}.report.json"
+
+
+def _convert_shard(out_uri: str, index: int, items: Sequence, convert: Callable, strict: bool,
+                   endpoint_url: str | None) -> dict:
+    """Convert one shard's items and write its Parquet file, then its sidecar report."""
+    report = ConversionReport(strict)
+    rows = []
+    for item in items:
+        row = convert(item, report)
+        if row is not None:
+            rows.append(row)
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=64)
+    storage.write_bytes(storage.join(out_uri, _shard_name(index)), sink.getvalue().to_pybytes(), endpoint_url)
+    sidecar = {"file": _shard_name(index), "num_items": len(items), "num_images": len(rows),
+               "num_segments": sum(len(r["segments"]) for r in rows), **report.to_dict()}
+    storage.write_bytes(storage.join(out_uri, _report_name(index)), json.dumps(sidecar).encode(), endpoint_url)
+    return sidecar
+
+
+def write_dataset(out_uri: str, items: Sequence, convert: Callable[[Any, ConversionReport], dict | None], *,
+                  dataset: str, task: str, split: str, classes: list[dict], shard_size: int = 500,
+                  num_workers: int = 0, strict: bool = False, endpoint_url: str | None = None,
+                  progress: bool = True, report: ConversionReport | None = None) -> dict:
+    """Convert ``items`` into sharded Parquet under ``out_uri`` and return the manifest.
+
+    ``items`` are small picklable work descriptions (file paths plus that image's annotations,
+    never decoded images); ``convert`` is a picklable top-level function (or partial) turning one
+    item into a ``make_row`` dict, or None when it skipped the item (after counting it in the
+    report). Shards run in a process pool of ``num_workers`` (0 = all cores, 1 = in this process);
+    the pool spawns fresh interpreters, so a calling script needs ``if __name__ == "__main__":``.
+    ``report`` carries problems the caller found while building the items (merged into the
+    manifest). A rerun reuses shards whose Parquet file and sidecar both exist.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    storage.check_writable(out_uri, endpoint_url)
+    shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
+    existing = set(storage.listdir(out_uri, endpoint_url))
+    results: dict[int, dict] = {}
+    for index in range(len(shards)):
+        if _shard_name(index) in existing and _report_name(index) in existing:
+            sidecar = json.loads(storage.read_bytes(storage.join(out_uri, _report_name(index)), endpoint_url))
+            if sidecar.get("num_items") == len(shards[index]):  # else written with another --shard-size
+                results[index] = sidecar
+    todo = [i for i in range(len(shards)) if i not in results]
+    workers = num_workers or os.cpu_count() or 1
+    start, done_images = time.time(), 0
+
+    def note(index: int, sidecar: dict) -> None:
+        nonlocal done_images
+        results[index] = sidecar
+        done_images += sidecar["num_images"]
+        if progress:
+            rate = done_images / max(time.time() - start, 1e-6)
+            print(f"[prepare] {split}: shards {len(results)}/{len(shards)} "
+                  f"({len(shards) - len(todo)} reused), {rate:.1f} images/s", file=sys.stderr, flush=True)
+
+    if workers == 1 or len(todo) <= 1:
+        for index in todo:
+            note(index, _convert_shard(out_uri, index, shards[index], convert, strict, endpoint_url))
+    else:
+        # spawn, not fork: a forked child would inherit pyarrow's S3 client threads mid-state
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
+            futures = {pool.submit(_convert_shard, out_uri, i, shards[i], convert, strict, endpoint_url): i
+                       for i in todo}
+            try:
+                for future in as_completed(futures):
+                    note(futures[future], future.result())
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+
+    total = ConversionReport()
+    if report is not None:
+        total.merge(report)
+    for index in range(len(shards)):
+        total.merge_dict(results[index])
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "dataset": dataset, "task": task, "split": split, "classes": classes,
+        "num_images": sum(r["num_images"] for r in results.values()),
+        "num_segments": sum(r["num_segments"] for r in results.values()),
+        "shards": [{"file": _shard_name(i), "num_images": results[i]["num_images"]} for i in range(len(shards))],
+        "reused_shards": len(shards) - len(todo),
+        **total.to_dict(),
+    }
+    storage.write_bytes(storage.join(out_uri, MANIFEST), json.dumps(manifest, indent=1).encode(), endpoint_url)
+    return manifest
+
+
+def read_manifest(uri: str, endpoint_url: str | None = None) -> dict:
+    """The manifest of a prepared split; a DataError that says how to make one when absent."""
+    path = storage.join(uri, MANIFEST)
+    if not storage.exists(path, endpoint_url):
+        raise DataError(f"{path} does not exist: prepare the split first with "
+                        f"jobs/prepare_data.py --dataset ... --out {uri}")
+    manifest = json.loads(storage.read_bytes(path, endpoint_url))
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(f"{path}: schema_version {manifest.get('schema_version')!r}, this code reads "
+                        f"{SCHEMA_VERSION}; re-run jobs/prepare_data.py")
+    return manifest
+
+
+def read_records(uri: str, endpoint_url: str | None = None) -> Iterator[dict]:
+    """Decoded records of a prepared split, shard by shard (a few rows in memory at a time)."""
+    manifest = read_manifest(uri, endpoint_url)
+    for shard in manifest["shards"]:
+        data = storage.read_bytes(storage.join(uri, shard["file"]), endpoint_url)
+        for batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=16):
+            for row in batch.to_pylist():
+                yield decode_row(row)
