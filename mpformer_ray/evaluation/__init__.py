@@ -1,0 +1,7 @@
+"""Evaluation: semantic mIoU, instance AP (COCOeval), panoptic PQ, and MP-Former's per-layer
+mask consistency."""
+
+from mpformer_ray.evaluation.consistency import MaskConsistency
+from mpformer_ray.evaluation.evaluator import TASKS, Evaluator, main_metric
+
+__all__ = ["Evaluator", "MaskConsistency", "TASKS", "main_metric"]

@@ -1,0 +1,106 @@
+"""Instance segmentation AP with pycocotools' COCOeval (iouType="segm"), built in memory.
+
+Per image only COCO RLEs are kept (ground truth: thing segments, crowd flag kept so COCOeval
+ignores detections matched to crowd regions; detections: mask RLE, score, label), so worker
+states stay small and merge by concatenation. Categories are the thing classes only, by
+contiguous id; detections labelled with a stuff class are dropped (a panoptic model's
+"instances" output should not contain them, and COCO evaluates things only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from mpformer_ray.evaluation.arrays import check_size, to_numpy
+
+# COCOeval.stats indices of the six numbers detectron2 reports as segm/AP*
+_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def encode(mask: np.ndarray) -> dict:
+    """bool [H, W] -> compressed COCO RLE {"size", "counts": bytes}."""
+    return mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+
+
+def encode_many(masks: np.ndarray) -> list[dict]:
+    """bool [Q, H, W] -> Q compressed RLEs (one pycocotools call for all of them)."""
+    if len(masks) == 0:
+        return []
+    return mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+
+
+class InstanceEvaluator:
+    """Per-image RLEs of ground truth and detections; ``evaluate`` runs COCOeval over all images."""
+
+    def __init__(self, thing_ids: list[int]):
+        self.thing_ids = sorted(int(c) for c in thing_ids)
+        self.images: dict[int, dict] = {}
+
+    def process(self, image_id: int, size: tuple[int, int], segments: list[dict], instances: dict,
+                where: str = "image") -> None:
+        """segments: the record's [{"category_id", "iscrowd", "mask": bool [H, W]}];
+        instances: {"masks": bool [Q, H, W], "scores": float [Q], "labels": int64 [Q]}."""
+        missing = {"masks", "scores", "labels"} - set(instances)
+        if missing:
+            raise ValueError(f"{where}: prediction 'instances' lacks {sorted(missing)}; expected "
+                             "{'masks': bool [Q, H, W], 'scores': float [Q], 'labels': int64 [Q]}")
+        masks = to_numpy(instances["masks"]).astype(bool)
+        scores = to_numpy(instances["scores"]).astype(np.float64).reshape(-1)
+        labels = to_numpy(instances["labels"]).astype(np.int64).reshape(-1)
+        if masks.ndim != 3 or not len(masks) == len(scores) == len(labels):
+            raise ValueError(f"{where}: prediction 'instances' has masks {masks.shape}, scores {scores.shape}, "
+                             f"labels {labels.shape}; expected [Q, H, W], [Q], [Q]")
+        check_size("instances.masks", masks, size, where)
+        things = set(self.thing_ids)
+        keep = np.array([int(c) in things for c in labels], dtype=bool)
+        gts = [{"category_id": int(s["category_id"]), "iscrowd": int(bool(s["iscrowd"])), "rle": encode(to_numpy(s["mask"]))}
+               for s in segments if int(s["category_id"]) in things]
+        dts = [{"category_id": int(c), "score": float(s), "rle": r}
+               for c, s, r in zip(labels[keep], scores[keep], encode_many(masks[keep]))]
+        self.images[int(image_id)] = {"size": [int(size[0]), int(size[1])], "gt": gts, "dt": dts}
+
+    def state(self) -> dict:
+        return {"images": dict(self.images)}
+
+    def merge(self, state: dict) -> None:
+        self.images.update(state["images"])
+
+    def _coco(self, kind: str) -> COCO:
+        images, anns = [], []
+        for image_id, im in sorted(self.images.items()):
+            images.append({"id": image_id, "height": im["size"][0], "width": im["size"][1]})
+            for a in im[kind]:
+                ann = {"id": len(anns) + 1,  # COCOeval treats id 0 as "unmatched": ids start at 1
+                       "image_id": image_id, "category_id": a["category_id"], "segmentation": a["rle"],
+                       "area": float(mask_util.area(a["rle"])), "bbox": list(mask_util.toBbox(a["rle"])),
+                       "iscrowd": a.get("iscrowd", 0)}
+                if kind == "dt":
+                    ann["score"] = a["score"]
+                anns.append(ann)
+        coco = COCO()
+        coco.dataset = {"images": images, "annotations": anns,
+                        "categories": [{"id": c, "name": str(c)} for c in self.thing_ids]}
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        return coco
+
+    def evaluate(self) -> dict[str, float]:
+        """{"segm/AP", "segm/AP50", "segm/AP75", "segm/APs", "segm/APm", "segm/APl"} in percent;
+        nan where COCOeval has nothing to average (no non-crowd thing instance, or none in a size range)."""
+        has_gt = any(not a["iscrowd"] for im in self.images.values() for a in im["gt"])
+        if not has_gt:
+            return {f"segm/{k}": float("nan") for k in _STAT_NAMES}
+        gt, dt = self._coco("gt"), self._coco("dt")
+        evaluator = COCOeval(gt, dt, iouType="segm")
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        return {f"segm/{k}": (100.0 * float(v) if v >= 0 else float("nan"))
+                for k, v in zip(_STAT_NAMES, evaluator.stats[:6])}
