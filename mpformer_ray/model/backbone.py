@@ -1,0 +1,136 @@
+"""Backbones: torchvision ResNets and Swin Transformers returning strides 4/8/16/32.
+
+Every backbone maps ``images [B, 3, H, W]`` to a dict ``{"res2": [B, C2, H/4, W/4], "res3": [B, C3, H/8, W/8],
+"res4": [B, C4, H/16, W/16], "res5": [B, C5, H/32, W/32]}`` and declares ``out_channels`` (name -> channels).
+Networks come from torchvision constructors with ``weights=None``; pretrained weights are only ever read
+from the path / URI in ``model.pretrained`` (a torchvision-format state dict), never downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from mpformer_ray import storage
+from mpformer_ray.config import ModelConfig
+
+_RESNETS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50,
+            "resnet101": torchvision.models.resnet101}
+_SWINS = {"swin_t": torchvision.models.swin_t, "swin_s": torchvision.models.swin_s,
+          "swin_b": torchvision.models.swin_b}
+
+
+def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= ``max_groups`` that divides ``channels``."""
+    groups = next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+class ResNetBackbone(nn.Module):
+    """A torchvision ResNet without avgpool / fc; attribute names match torchvision's state dict."""
+
+    def __init__(self, name: str, norm: str):
+        super().__init__()
+        norm_layer: Callable[[int], nn.Module] = FrozenBatchNorm2d if norm == "frozen" else group_norm
+        net = _RESNETS[name](weights=None, norm_layer=norm_layer)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        widths = [self._width(layer) for layer in (self.layer1, self.layer2, self.layer3, self.layer4)]
+        self.out_channels = {f"res{i + 2}": c for i, c in enumerate(widths)}
+
+    @staticmethod
+    def _width(layer: nn.Sequential) -> int:
+        block = layer[-1]
+        last_norm = block.bn3 if hasattr(block, "bn3") else block.bn2
+        return last_norm.weight.shape[0]
+
+    def freeze_stem(self) -> None:
+        """Mask2Former freezes res1 (conv1 + its norm) when starting from pretrained weights."""
+        for p in [*self.conv1.parameters(), *self.bn1.parameters()]:
+            p.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        out = {}
+        for name, layer in zip(self.out_channels, (self.layer1, self.layer2, self.layer3, self.layer4)):
+            x = layer(x)
+            out[name] = x
+        return out
+
+
+class SwinBackbone(nn.Module):
+    """A torchvision Swin Transformer's 4 stages, each output LayerNorm-ed and permuted to NCHW.
+
+    As in Mask2Former's Swin, every output stage gets its own fresh LayerNorm (``out_norms``); the
+    classification model's final ``norm`` and ``head`` are not part of this module.
+    """
+
+    def __init__(self, name: str):
+        super().__init__()
+        net = _SWINS[name](weights=None)
+        self.features = net.features  # [patch embed, stage1, merge, stage2, merge, stage3, merge, stage4]
+        widths = [self.features[i][-1].norm1.normalized_shape[0] for i in (1, 3, 5, 7)]
+        self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in widths)
+        self.out_channels = {f"res{i + 2}": c for i, c in enumerate(widths)}
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        out = {}
+        for i, stage in enumerate(self.features):
+            x = stage(x)  # NHWC
+            if i % 2 == 1:
+                level = i // 2
+                out[f"res{level + 2}"] = self.out_norms[level](x).permute(0, 3, 1, 2).contiguous()
+        return out
+
+
+def load_pretrained(backbone: ResNetBackbone | SwinBackbone, uri: str) -> None:
+    """Load a torchvision-format state dict from a local path or s3:// URI into ``backbone``.
+
+    The classifier (``fc.`` / ``head.``, and Swin's final ``norm.``) is ignored; any other missing or
+    unexpected key, or a shape mismatch, is an error naming ``uri`` and the keys.
+    """
+    data = storage.read_bytes(uri)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"model.pretrained={uri}: not a torch state dict readable with weights_only=True: {e}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"model.pretrained={uri}: expected a torchvision state dict (name -> tensor), "
+                         f"got {type(state).__name__}")
+    ignored = ("fc.", "head.") + (("norm.",) if isinstance(backbone, SwinBackbone) else ())
+    new_here = ("out_norms.",) if isinstance(backbone, SwinBackbone) else ()
+    state = {k: v for k, v in state.items() if not k.startswith(ignored)}
+    try:
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"model.pretrained={uri} does not fit the backbone: {e}") from e
+    missing = [k for k in missing if not k.startswith(new_here)]
+    if missing or unexpected:
+        raise ValueError(
+            f"model.pretrained={uri} does not match the backbone: missing keys {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''} ({len(missing)}), unexpected keys {unexpected[:10]}"
+            f"{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)}); check model.backbone"
+        )
+
+
+def build_backbone(cfg: ModelConfig) -> ResNetBackbone | SwinBackbone:
+    """The backbone named by ``cfg.backbone`` (``out_channels`` tells the pixel decoder its inputs)."""
+    if cfg.backbone in _RESNETS:
+        if cfg.pretrained and cfg.backbone_norm != "frozen":
+            raise ValueError(f"model.pretrained={cfg.pretrained} holds BatchNorm statistics; set "
+                             "model.backbone_norm=frozen to load it (group norm is for training from scratch)")
+        backbone: ResNetBackbone | SwinBackbone = ResNetBackbone(cfg.backbone, cfg.backbone_norm)
+    elif cfg.backbone in _SWINS:
+        backbone = SwinBackbone(cfg.backbone)
+    else:
+        raise ValueError(f"model.backbone={cfg.backbone!r} is not one of {[*_RESNETS, *_SWINS]}")
+    if cfg.pretrained:
+        load_pretrained(backbone, cfg.pretrained)
+        if isinstance(backbone, ResNetBackbone):
+            backbone.freeze_stem()
+    return backbone

@@ -1,0 +1,149 @@
+"""MP-Former: Mask2Former (backbone -> pixel decoder -> masked-attention decoder) with mask-piloted training.
+
+Training (``model.train(); model(images, targets)``) returns the weighted losses; when
+``model.pilot.enabled`` the decoder also runs the batch's pilot queries. Inference
+(``model.eval(); model(images)``) never builds pilot queries: it is exactly Mask2Former.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mpformer_ray.config import Config, ModelConfig, piloted_layers
+from mpformer_ray.model.backbone import build_backbone
+from mpformer_ray.model.criterion import SetCriterion
+from mpformer_ray.model.matcher import HungarianMatcher
+from mpformer_ray.model.pilot import PilotQueries
+from mpformer_ray.model.pixel_decoder import MSDeformAttnPixelDecoder
+from mpformer_ray.model.postprocess import instance_inference, panoptic_inference, resize_masks, semantic_inference
+from mpformer_ray.model.transformer_decoder import MultiScaleMaskedTransformerDecoder
+
+Target = dict[str, Tensor]
+
+
+class MPFormer(nn.Module):
+    """The whole model: ``backbone``, ``pixel_decoder``, ``predictor`` (transformer decoder), ``pilot``
+    (only when pilot training is enabled), and the training ``criterion``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg)
+        self.pixel_decoder = MSDeformAttnPixelDecoder(cfg, self.backbone.out_channels)
+        self.predictor = MultiScaleMaskedTransformerDecoder(cfg, in_channels=cfg.hidden_dim)
+        p = cfg.pilot
+        self.pilot = (PilotQueries(cfg.num_classes, cfg.hidden_dim, p.groups, p.mask_noise, p.noise_ratio,
+                                   p.label_noise, piloted_layers(cfg)) if p.enabled else None)
+        matcher = HungarianMatcher(cfg.class_weight, cfg.mask_weight, cfg.dice_weight, cfg.train_num_points)
+        self.criterion = SetCriterion(
+            cfg.num_classes, matcher, cfg.class_weight, cfg.mask_weight, cfg.dice_weight, cfg.no_object_weight,
+            cfg.train_num_points, cfg.oversample_ratio, cfg.importance_sample_ratio, pilot_class_loss=p.class_loss)
+        things = range(cfg.num_classes) if cfg.thing_classes is None else cfg.thing_classes
+        self.thing_ids = set(things)
+
+    def num_parameters(self, exclude_training_only: bool = True) -> int:
+        """Parameter count; by default without the training-only pilot label embedding."""
+        skip = {id(p) for p in self.pilot.parameters()} if exclude_training_only and self.pilot is not None else set()
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+    def pad(self, images: Tensor, targets: list[Target] | None = None) -> tuple[Tensor, list[Target] | None]:
+        """Zero-pad images [B, 3, H, W] (and target masks) on the bottom / right to ``size_divisibility``."""
+        d = self.cfg.size_divisibility
+        h, w = images.shape[-2:]
+        ph, pw = (-h) % d if d > 1 else 0, (-w) % d if d > 1 else 0
+        if ph or pw:
+            images = F.pad(images, (0, pw, 0, ph))
+            if targets is not None:
+                targets = [{**t, "masks": F.pad(t["masks"], (0, pw, 0, ph))} for t in targets]
+        return images, targets
+
+    def _check(self, images: Tensor, targets: list[Target] | None) -> None:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"MPFormer: images must be float [B, 3, H, W], got shape {tuple(images.shape)}")
+        if targets is None:
+            return
+        if len(targets) != images.shape[0]:
+            raise ValueError(f"MPFormer: {images.shape[0]} images but {len(targets)} targets")
+        for i, t in enumerate(targets):
+            labels, masks = t.get("labels"), t.get("masks")
+            if labels is None or masks is None:
+                raise ValueError(f"MPFormer: targets[{i}] needs 'labels' and 'masks', has {sorted(t)}")
+            if masks.dim() != 3 or masks.shape[0] != labels.shape[0] or masks.shape[-2:] != images.shape[-2:]:
+                raise ValueError(f"MPFormer: targets[{i}]['masks'] must be [n, H, W] = [{labels.shape[0]}, "
+                                 f"{images.shape[-2]}, {images.shape[-1]}] (n labels, the images' size), "
+                                 f"got {tuple(masks.shape)}")
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.cfg.num_classes):
+                raise ValueError(f"MPFormer: targets[{i}]['labels'] must lie in [0, {self.cfg.num_classes}) "
+                                 f"(model.num_classes), got {labels.tolist()}")
+
+    def forward_raw(self, images: Tensor, targets: list[Target] | None = None) -> dict:
+        """Decoder outputs for images [B, 3, H, W] (padded here to ``size_divisibility``).
+
+        Returns {"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H'/4, W'/4] (H', W' padded), "aux_outputs":
+        [query init, layer 1, ..., layer L-1] with the same keys}; in training mode with targets and pilot
+        enabled also "pilot": the same for the pilot slots plus "labels", "target_index", "valid" [B, P].
+        """
+        self._check(images, targets)
+        return self._decode(*self.pad(images, targets))
+
+    def _decode(self, images: Tensor, targets: list[Target] | None) -> dict:
+        """forward_raw on already padded images and targets."""
+        mask_features, multi_scale = self.pixel_decoder(self.backbone(images))
+        pilot = None
+        if self.training and self.pilot is not None and targets is not None:
+            pilot = self.pilot(targets, self.cfg.num_queries, tuple(images.shape[-2:]))
+        out = self.predictor(multi_scale, mask_features, pilot)
+        if pilot is not None:
+            out["pilot"].update(pilot.layout())
+        return out
+
+    def forward(self, images: Tensor, targets: list[Target] | None = None,
+                image_sizes: list[tuple[int, int]] | None = None,
+                output_sizes: list[tuple[int, int]] | None = None) -> dict[str, Tensor] | list[dict]:
+        """Training: weighted losses {name: scalar}. Inference: one result dict per image (module docstring
+        of ``postprocess.py``) for the tasks ``model.test`` enables, at ``output_sizes`` (default: the valid
+        ``image_sizes`` region, default: the whole input)."""
+        if self.training and targets is None:
+            raise ValueError("MPFormer in training mode needs targets; call model.eval() for inference")
+        self._check(images, targets if self.training else None)
+        input_size = tuple(images.shape[-2:])
+        images, targets = self.pad(images, targets if self.training else None)
+        outputs = self._decode(images, targets)
+        if self.training:
+            return self.criterion(outputs, targets)
+        return self.postprocess(outputs, input_size, tuple(images.shape[-2:]), image_sizes, output_sizes)
+
+    def postprocess(self, outputs: dict, input_size: tuple[int, int], padded: tuple[int, int],
+                    image_sizes: list[tuple[int, int]] | None, output_sizes: list[tuple[int, int]] | None
+                    ) -> list[dict]:
+        """Decoder outputs of images of ``input_size`` (padded to ``padded``) -> one result dict per image."""
+        b = outputs["pred_logits"].shape[0]
+        image_sizes = image_sizes or [tuple(input_size)] * b
+        output_sizes = output_sizes or image_sizes
+        if len(image_sizes) != b or len(output_sizes) != b:
+            raise ValueError(f"MPFormer: image_sizes / output_sizes need one (h, w) per image ({b})")
+        t = self.cfg.test
+        results = []
+        device = outputs["pred_logits"].device
+        for i in range(b):
+            with torch.autocast(device.type, enabled=False):  # float32 results even under AMP
+                mask_cls = outputs["pred_logits"][i].float()
+                mask_pred = resize_masks(outputs["pred_masks"][i].float(), padded, image_sizes[i], output_sizes[i])
+                result: dict = {}
+                if t.semantic_on:
+                    result["sem_seg"] = semantic_inference(mask_cls, mask_pred)
+                if t.panoptic_on:
+                    result["panoptic"] = panoptic_inference(mask_cls, mask_pred, self.thing_ids,
+                                                            t.object_mask_threshold, t.overlap_threshold)
+                if t.instance_on:
+                    result["instances"] = instance_inference(mask_cls, mask_pred, self.thing_ids,
+                                                             t.max_detections)
+            results.append(result)
+        return results
+
+
+def build_model(cfg: Config | ModelConfig) -> MPFormer:
+    """The MP-Former described by ``cfg`` (a whole Config or its ``model`` section)."""
+    return MPFormer(cfg.model if isinstance(cfg, Config) else cfg)

@@ -1,0 +1,223 @@
+"""Mask-piloted (MP) queries: MP-Former's training-only extra queries, one module for every noise strategy.
+
+For each image, each ground-truth segment and each of G groups there is one pilot query. Its content is a
+learned embedding of the segment's label (replaced by a uniformly random class with probability
+``label_noise``); its positional embedding is zero. In the first ``layers`` decoder layers its
+cross-attention mask is the segment's ground-truth mask, area-resized to that layer's feature scale and
+noised by ``mask_noise``:
+
+- ``none``:  the resized ground-truth mask;
+- ``point``: flip cells chosen uniformly over the whole map, in expectation ``noise_ratio`` x the segment's
+  area (at that scale) of them; drawn afresh for every layer at that layer's resolution;
+- ``shift``: translate by up to ``noise_ratio`` x the segment's box size in x and y;
+- ``scale``: rescale about the box centre by a factor drawn from [1 - noise_ratio, 1 + noise_ratio].
+
+Shift and scale are drawn once per forward at the input resolution. Every group draws its own noise.
+
+Batch layout of the decoder's queries: ``[matching Q | group 0 (n_max slots) | group 1 | ...]`` where
+n_max is the batch's largest segment count; slots past an image's own count are padding. Padding slots
+carry zero content, see only themselves and are seen by nobody, and produce no loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NoiseKind = Literal["none", "point", "shift", "scale"]
+NOISE_KINDS = ("none", "point", "shift", "scale")
+MIN_SCALE = 0.05  # scale noise with noise_ratio >= 1 could draw factors <= 0
+
+
+def area_resize(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """bool [B, P, H, W] -> bool [B, P, h, w]: a cell is set when any of the mask falls inside it."""
+    if masks.shape[1] == 0:
+        return masks.new_zeros(*masks.shape[:2], *size)
+    return F.adaptive_max_pool2d(masks.to(torch.float32), size) > 0
+
+
+def point_noise(masks: Tensor, ratio: float) -> Tensor:
+    """Flip cells of bool ``masks`` [B, P, h, w] chosen uniformly over the map, ``ratio`` x area in expectation."""
+    if ratio <= 0:
+        return masks
+    h, w = masks.shape[-2:]
+    area = masks.sum((-2, -1), dtype=torch.float32)
+    flip_prob = (ratio * area / (h * w)).clamp(max=1.0)
+    flips = torch.rand(masks.shape, device=masks.device) < flip_prob[..., None, None]
+    return masks ^ flips
+
+
+def box_of(masks: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Tight boxes of bool masks [N, H, W]: (centre x, centre y, width, height) in pixels, float [N] each.
+
+    Empty masks get width = height = 0."""
+    h, w = masks.shape[-2:]
+    rows, cols = masks.any(-1), masks.any(-2)  # [N, H], [N, W]
+    ys = torch.arange(h, device=masks.device)
+    xs = torch.arange(w, device=masks.device)
+    y0 = torch.where(rows, ys, h).amin(-1).float()
+    y1 = torch.where(rows, ys, -1).amax(-1).float()
+    x0 = torch.where(cols, xs, w).amin(-1).float()
+    x1 = torch.where(cols, xs, -1).amax(-1).float()
+    width, height = (x1 - x0 + 1).clamp(min=0), (y1 - y0 + 1).clamp(min=0)
+    return (x0 + x1) / 2, (y0 + y1) / 2, width, height
+
+
+def affine_noise(masks: Tensor, kind: NoiseKind, ratio: float) -> Tensor:
+    """Shift or scale every bool mask [N, H, W] by its own random amount (see the module docstring)."""
+    n, h, w = masks.shape
+    if n == 0 or ratio <= 0:
+        return masks
+    cx, cy, bw, bh = box_of(masks)
+    theta = torch.zeros(n, 2, 3, device=masks.device)
+    # grid_sample reads output pixel p from input point theta @ p, in align_corners=False normalised coords
+    if kind == "shift":
+        tx = (torch.rand(n, device=masks.device) * 2 - 1) * ratio * bw
+        ty = (torch.rand(n, device=masks.device) * 2 - 1) * ratio * bh
+        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+        theta[:, 0, 2] = -2 * tx / w
+        theta[:, 1, 2] = -2 * ty / h
+    else:
+        factor = (1 + (torch.rand(n, device=masks.device) * 2 - 1) * ratio).clamp(min=MIN_SCALE)
+        cx_n, cy_n = (2 * cx + 1) / w - 1, (2 * cy + 1) / h - 1
+        theta[:, 0, 0] = theta[:, 1, 1] = 1 / factor
+        theta[:, 0, 2] = cx_n * (1 - 1 / factor)
+        theta[:, 1, 2] = cy_n * (1 - 1 / factor)
+    grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
+    moved = F.grid_sample(masks[:, None].to(torch.float32), grid, mode="nearest", align_corners=False)
+    return moved[:, 0] > 0.5
+
+
+@dataclass
+class PilotBatch:
+    """The pilot queries of one training batch; P = groups * n_max slots per image.
+
+    content:        [B, P, C] query features (zero for padding slots)
+    labels:         int64 [B, P] true (un-noised) label of the source segment, 0 for padding
+    target_index:   int64 [B, P] index of the source segment in ``targets[b]``, -1 for padding
+    valid:          bool [B, P] real pilot query (not padding)
+    self_attn_mask: bool [B, Q + P, Q + P], True = blocked
+    masks:          bool [B, P, H, W] source masks at input resolution after shift / scale noise (padding: empty)
+    """
+
+    content: Tensor
+    labels: Tensor
+    target_index: Tensor
+    valid: Tensor
+    self_attn_mask: Tensor
+    masks: Tensor
+    groups: int
+    piloted_layers: int
+    mask_noise: NoiseKind
+    noise_ratio: float
+    _resized: dict[tuple[int, int], Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_slots(self) -> int:
+        return self.content.shape[1]
+
+    def cross_attention_mask(self, layer: int, size: tuple[int, int]) -> Tensor | None:
+        """Attendable cells of decoder layer ``layer`` (0-based) at feature size ``size`` = (h, w):
+        bool [B, P, h * w], True = may attend; None when the layer is not piloted."""
+        if layer >= self.piloted_layers:
+            return None
+        if size not in self._resized:
+            # per group, so the float copy that pooling needs stays one group's size
+            n_max = self.num_slots // self.groups
+            chunks = self.masks.split(n_max, dim=1) if n_max else [self.masks]
+            self._resized[size] = torch.cat([area_resize(c, size) for c in chunks], dim=1)
+        masks = self._resized[size]
+        if self.mask_noise == "point":
+            masks = point_noise(masks, self.noise_ratio)
+        return masks.flatten(2)
+
+    def layout(self) -> dict[str, Tensor]:
+        """What the criterion needs to supervise pilot predictions against their source segments."""
+        return {"labels": self.labels, "target_index": self.target_index, "valid": self.valid}
+
+
+class PilotQueries(nn.Module):
+    """Builds a :class:`PilotBatch` from a batch's targets (training only; owns the label embedding)."""
+
+    def __init__(self, num_classes: int, hidden_dim: int, groups: int, mask_noise: NoiseKind, noise_ratio: float,
+                 label_noise: float, piloted_layers: int):
+        super().__init__()
+        if mask_noise not in NOISE_KINDS:
+            raise ValueError(f"model.pilot.mask_noise={mask_noise!r} is not one of {list(NOISE_KINDS)}")
+        if groups < 1:
+            raise ValueError(f"model.pilot.groups must be >= 1, got {groups}")
+        if not 0.0 <= label_noise <= 1.0:
+            raise ValueError(f"model.pilot.label_noise must lie in [0, 1], got {label_noise}")
+        self.num_classes = num_classes
+        self.groups = groups
+        self.mask_noise: NoiseKind = mask_noise
+        self.noise_ratio = noise_ratio
+        self.label_noise = label_noise
+        self.piloted_layers = piloted_layers
+        self.label_embed = nn.Embedding(num_classes, hidden_dim)
+
+    def noisy_labels(self, labels: Tensor) -> Tensor:
+        """Replace each label by a uniformly random class with probability ``label_noise``."""
+        if self.label_noise <= 0:
+            return labels
+        replace = torch.rand(labels.shape, device=labels.device) < self.label_noise
+        random = torch.randint(0, self.num_classes, labels.shape, device=labels.device)
+        return torch.where(replace, random, labels)
+
+    def forward(self, targets: list[dict[str, Tensor]], num_queries: int, image_size: tuple[int, int]) -> PilotBatch:
+        """targets: B dicts {"labels": int64 [n], "masks": bool [n, H, W]} at ``image_size`` = (H, W);
+        num_queries: Q matching queries that precede the pilot slots."""
+        device = self.label_embed.weight.device
+        b, g = len(targets), self.groups
+        counts = [len(t["labels"]) for t in targets]
+        n_max = max(counts, default=0)
+        p = g * n_max
+        slot = torch.arange(n_max, device=device)
+        valid_one = slot[None, :] < torch.as_tensor(counts, device=device)[:, None]  # [B, n_max]
+        valid = valid_one.repeat(1, g)
+        labels = torch.zeros(b, n_max, dtype=torch.int64, device=device)
+        gt = torch.zeros(b, n_max, *image_size, dtype=torch.bool, device=device)
+        for i, t in enumerate(targets):
+            labels[i, : counts[i]] = t["labels"].to(device)
+            gt[i, : counts[i]] = t["masks"].to(device=device, dtype=torch.bool)
+        labels = labels.repeat(1, g)
+        target_index = torch.where(valid, slot.repeat(g)[None, :].expand(b, -1), -1)
+
+        content = self.label_embed(self.noisy_labels(labels)) * valid[..., None]
+        if self.mask_noise in ("shift", "scale"):
+            masks = torch.cat([affine_noise(gt.flatten(0, 1), self.mask_noise, self.noise_ratio).view_as(gt)
+                               for _ in range(g)], dim=1)
+        else:
+            masks = gt.repeat(1, g, 1, 1)
+        return PilotBatch(
+            content=content,
+            labels=labels,
+            target_index=target_index,
+            valid=valid,
+            self_attn_mask=self.self_attention_mask(valid, num_queries, n_max),
+            masks=masks,
+            groups=g,
+            piloted_layers=self.piloted_layers,
+            mask_noise=self.mask_noise,
+            noise_ratio=self.noise_ratio,
+        )
+
+    def self_attention_mask(self, valid: Tensor, num_queries: int, n_max: int) -> Tensor:
+        """bool [B, Q + P, Q + P], True = blocked: matching queries see no pilot query, a pilot group sees
+        itself and the matching queries (as in DN-DETR), padding slots see only themselves."""
+        b, p = valid.shape
+        t = num_queries + p
+        blocked = torch.zeros(b, t, t, dtype=torch.bool, device=valid.device)
+        blocked[:, :num_queries, num_queries:] = True
+        if p:
+            group = torch.arange(p, device=valid.device) // n_max
+            blocked[:, num_queries:, num_queries:] = group[:, None] != group[None, :]
+        padding = torch.cat((valid.new_zeros(b, num_queries), ~valid), dim=1)
+        blocked |= padding[:, None, :] | padding[:, :, None]
+        diagonal = torch.arange(t, device=valid.device)
+        blocked[:, diagonal, diagonal] = False
+        return blocked

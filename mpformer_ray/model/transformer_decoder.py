@@ -1,0 +1,191 @@
+"""Mask2Former's multi-scale masked-attention transformer decoder, with optional pilot queries.
+
+``num_queries`` learned query features plus a learned query positional embedding (``query_embed``) go
+through ``dec_layers`` layers that visit the pixel decoder's three scales round-robin (strides 32, 16, 8).
+Each layer is masked cross-attention -> self-attention -> FFN, post-norm as in Mask2Former. A query may
+only attend to the cells where its previous prediction has sigmoid >= 0.5 (a row with no such cell
+attends everywhere). Heads after the query init and after every layer predict class logits [K+1] and
+masks (mask embedding . mask features).
+
+Decision on positional embeddings: we KEEP Mask2Former's ``query_embed`` for the matching queries, so
+the matching queries and inference are exactly Mask2Former's. Pilot queries (training only, appended
+after the matching ones) get a ZERO positional embedding; their cross-attention masks in piloted layers
+come from the ground truth instead of their previous prediction (see ``pilot.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mpformer_ray.config import ModelConfig
+from mpformer_ray.model.pilot import PilotBatch
+from mpformer_ray.model.position_encoding import PositionEmbeddingSine
+
+NUM_LEVELS = 3
+
+
+def _xavier_init(module: nn.Module) -> None:
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
+class CrossAttentionLayer(nn.Module):
+    """Queries attend to one feature level; post-norm."""
+
+    def __init__(self, d_model: int, nhead: int, dropout: float):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        _xavier_init(self)
+
+    def forward(self, tgt: Tensor, memory: Tensor, attn_mask: Tensor | None, pos: Tensor, query_pos: Tensor) -> Tensor:
+        """tgt, query_pos: [B, T, C]; memory, pos: [B, S, C]; attn_mask: bool [B * nhead, T, S], True = blocked."""
+        out = self.attn(tgt + query_pos, memory + pos, memory, attn_mask=attn_mask, need_weights=False)[0]
+        return self.norm(tgt + self.dropout(out))
+
+
+class SelfAttentionLayer(nn.Module):
+    """Queries attend to each other; post-norm."""
+
+    def __init__(self, d_model: int, nhead: int, dropout: float):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        _xavier_init(self)
+
+    def forward(self, tgt: Tensor, attn_mask: Tensor | None, query_pos: Tensor) -> Tensor:
+        """tgt, query_pos: [B, T, C]; attn_mask: bool [B * nhead, T, T], True = blocked."""
+        q = k = tgt + query_pos
+        out = self.attn(q, k, tgt, attn_mask=attn_mask, need_weights=False)[0]
+        return self.norm(tgt + self.dropout(out))
+
+
+class FFNLayer(nn.Module):
+    """Linear -> ReLU -> Linear with a residual; post-norm."""
+
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        _xavier_init(self)
+
+    def forward(self, tgt: Tensor) -> Tensor:
+        out = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
+        return self.norm(tgt + self.dropout(out))
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class MultiScaleMaskedTransformerDecoder(nn.Module):
+    """Mask2Former's decoder; ``forward`` also runs a batch's pilot queries when given one."""
+
+    def __init__(self, cfg: ModelConfig, in_channels: int):
+        super().__init__()
+        d, nhead = cfg.hidden_dim, cfg.nheads
+        self.num_heads = nhead
+        self.num_layers = cfg.dec_layers
+        self.num_queries = cfg.num_queries
+        self.pe_layer = PositionEmbeddingSine(d // 2, normalize=True)
+        self.cross_attention_layers = nn.ModuleList(
+            CrossAttentionLayer(d, nhead, cfg.dropout) for _ in range(cfg.dec_layers))
+        self.self_attention_layers = nn.ModuleList(
+            SelfAttentionLayer(d, nhead, cfg.dropout) for _ in range(cfg.dec_layers))
+        self.ffn_layers = nn.ModuleList(FFNLayer(d, cfg.dim_feedforward, cfg.dropout) for _ in range(cfg.dec_layers))
+        self.decoder_norm = nn.LayerNorm(d)
+        self.query_feat = nn.Embedding(cfg.num_queries, d)
+        self.query_embed = nn.Embedding(cfg.num_queries, d)
+        self.level_embed = nn.Embedding(NUM_LEVELS, d)
+        self.input_proj = nn.ModuleList()
+        for _ in range(NUM_LEVELS):
+            if in_channels != d:
+                proj = nn.Conv2d(in_channels, d, kernel_size=1)
+                nn.init.kaiming_uniform_(proj.weight, a=1)
+                nn.init.constant_(proj.bias, 0)
+                self.input_proj.append(proj)
+            else:
+                self.input_proj.append(nn.Identity())
+        self.class_embed = nn.Linear(d, cfg.num_classes + 1)
+        self.mask_embed = MLP(d, d, cfg.mask_dim, 3)
+
+    def prediction_heads(self, output: Tensor, mask_features: Tensor, attn_size: tuple[int, int]
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+        """output [B, T, C], mask_features [B, D, H, W] -> class logits [B, T, K+1], mask logits [B, T, H, W],
+        and the next layer's attention mask bool [B, T, h * w] at ``attn_size`` (True = blocked)."""
+        decoded = self.decoder_norm(output)
+        logits = self.class_embed(decoded)
+        masks = torch.einsum("btc,bchw->bthw", self.mask_embed(decoded), mask_features)
+        resized = F.interpolate(masks.detach(), size=attn_size, mode="bilinear", align_corners=False)
+        attn_mask = resized.sigmoid().flatten(2) < 0.5
+        return logits, masks, attn_mask
+
+    def forward(self, features: list[Tensor], mask_features: Tensor, pilot: PilotBatch | None = None
+                ) -> dict[str, object]:
+        """features: 3 maps [B, C_in, h_l, w_l] at strides 32, 16, 8; mask_features: [B, mask_dim, H/4, W/4].
+
+        Returns {"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H/4, W/4], "aux_outputs": the query-init
+        prediction and every layer's but the last (same keys)}; with ``pilot``, also "pilot": the same
+        structure for the P pilot slots.
+        """
+        if len(features) != NUM_LEVELS:
+            raise ValueError(f"transformer decoder expects {NUM_LEVELS} feature levels, got {len(features)}")
+        b = mask_features.shape[0]
+        sizes, srcs, pos = [], [], []
+        for lvl, (x, proj) in enumerate(zip(features, self.input_proj)):
+            sizes.append((x.shape[-2], x.shape[-1]))
+            pos.append(self.pe_layer(x).flatten(2).transpose(1, 2).to(x.dtype))
+            srcs.append((proj(x).flatten(2) + self.level_embed.weight[lvl][None, :, None]).transpose(1, 2))
+
+        output = self.query_feat.weight[None].expand(b, -1, -1)
+        query_pos = self.query_embed.weight[None].expand(b, -1, -1)
+        self_mask = None
+        if pilot is not None:
+            output = torch.cat((output, pilot.content.to(output.dtype)), dim=1)
+            query_pos = torch.cat((query_pos, query_pos.new_zeros(b, pilot.num_slots, query_pos.shape[-1])), dim=1)
+            self_mask = pilot.self_attn_mask.repeat_interleave(self.num_heads, dim=0)
+
+        predictions = []
+        logits, masks, attn_mask = self.prediction_heads(output, mask_features, sizes[0])
+        predictions.append((logits, masks))
+        for i in range(self.num_layers):
+            lvl = i % NUM_LEVELS
+            if pilot is not None:
+                pilot_mask = pilot.cross_attention_mask(i, sizes[lvl])
+                if pilot_mask is not None:
+                    attn_mask = torch.cat((attn_mask[:, : self.num_queries], ~pilot_mask), dim=1)
+            # a query whose mask is empty everywhere attends everywhere instead of nowhere
+            attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
+            output = self.cross_attention_layers[i](
+                output, srcs[lvl], attn_mask.repeat_interleave(self.num_heads, dim=0), pos[lvl], query_pos)
+            output = self.self_attention_layers[i](output, self_mask, query_pos)
+            output = self.ffn_layers[i](output)
+            logits, masks, attn_mask = self.prediction_heads(output, mask_features, sizes[(i + 1) % NUM_LEVELS])
+            predictions.append((logits, masks))
+
+        out = self._pack(predictions, slice(0, self.num_queries))
+        if pilot is not None:
+            out["pilot"] = self._pack(predictions, slice(self.num_queries, None))
+        return out
+
+    @staticmethod
+    def _pack(predictions: list[tuple[Tensor, Tensor]], queries: slice) -> dict[str, object]:
+        entries = [{"pred_logits": lg[:, queries], "pred_masks": mk[:, queries]} for lg, mk in predictions]
+        return {**entries[-1], "aux_outputs": entries[:-1]}

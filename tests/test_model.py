@@ -1,0 +1,261 @@
+"""The whole MP-Former: front door, zero inference cost of pilot training, losses, matching, post-processing
+and learning on a tiny synthetic batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mpformer_ray.config import load_config
+from mpformer_ray.model import MPFormer, build_model
+
+torch.set_num_threads(1)
+FAST = ["model.train_num_points=256"]
+# distinct, saturated colours per class (images are "normalised", so roughly zero-mean)
+COLOURS = np.array([[1.5, -1, -1], [-1, 1.5, -1], [-1, -1, 1.5], [1.5, 1.5, -1], [-1, 1.5, 1.5], [1.5, -1, 1.5]],
+                   dtype=np.float32)
+
+
+def tiny(*overrides: str) -> MPFormer:
+    torch.manual_seed(0)
+    return build_model(load_config("tiny", [*FAST, *overrides]))
+
+
+def shapes_batch(counts: list[int], size: int = 64, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
+    """Images with non-overlapping rectangles / ellipses, one distinct class (and colour) per shape."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    images, targets = [], []
+    for n in counts:
+        image = np.zeros((3, size, size), np.float32)
+        occupied = np.zeros((size, size), bool)
+        masks, labels = [], []
+        for k, c in enumerate(rng.choice(len(COLOURS), n, replace=False)):
+            while True:
+                cy, cx = rng.integers(12, size - 12, 2)
+                h, w = rng.integers(6, 12, 2)
+                if k % 2:
+                    mask = ((yy - cy) / h) ** 2 + ((xx - cx) / w) ** 2 <= 1
+                else:
+                    mask = (abs(yy - cy) <= h) & (abs(xx - cx) <= w)
+                if not (mask & occupied).any():
+                    break
+            occupied |= mask
+            image[:, mask] = COLOURS[c][:, None]
+            masks.append(mask)
+            labels.append(int(c))
+        images.append(image)
+        targets.append({"labels": torch.tensor(labels, dtype=torch.int64),
+                        "masks": torch.from_numpy(np.stack(masks) if masks else np.zeros((0, size, size), bool))})
+    return torch.from_numpy(np.stack(images)), targets
+
+
+def test_zero_inference_cost():
+    with_pilot = tiny("model.pilot.enabled=true")
+    without = tiny("model.pilot.enabled=false")
+    missing, unexpected = without.load_state_dict(with_pilot.state_dict(), strict=False)
+    assert missing == [] and unexpected == ["pilot.label_embed.weight"]
+    cfg = with_pilot.cfg
+    assert with_pilot.num_parameters() == without.num_parameters() == without.num_parameters(False)
+    assert with_pilot.num_parameters(False) - with_pilot.num_parameters() == cfg.num_classes * cfg.hidden_dim
+
+    calls = []
+    with_pilot.pilot.register_forward_hook(lambda *args: calls.append(1))
+    images, targets = shapes_batch([2, 3])
+    with_pilot.eval()
+    without.eval()
+    with torch.no_grad():
+        a = with_pilot(images)
+        b = without(images)
+        raw = with_pilot.forward_raw(images, targets)
+    assert calls == [] and "pilot" not in raw
+    for ra, rb in zip(a, b):
+        assert torch.equal(ra["sem_seg"], rb["sem_seg"])
+        assert torch.equal(ra["panoptic"][0], rb["panoptic"][0]) and ra["panoptic"][1] == rb["panoptic"][1]
+        for key in ("masks", "scores", "labels"):
+            assert torch.equal(ra["instances"][key], rb["instances"][key])
+    with_pilot.train()
+    with_pilot(images, targets)
+    assert calls == [1]
+
+
+def test_pilot_queries_do_not_change_matching_queries():
+    model = tiny("model.pilot.groups=2", "model.pilot.mask_noise=point", "model.pilot.noise_ratio=0.2")
+    model.train()
+    images, targets = shapes_batch([2, 0])
+    with torch.no_grad():
+        mask_features, multi_scale = model.pixel_decoder(model.backbone(images))
+        pilot = model.pilot(targets, model.cfg.num_queries, tuple(images.shape[-2:]))
+        piloted = model.predictor(multi_scale, mask_features, pilot)
+        plain = model.predictor(multi_scale, mask_features)
+    assert piloted["pilot"]["pred_masks"].shape == (2, 4, 16, 16)
+    for key in ("pred_logits", "pred_masks"):
+        torch.testing.assert_close(piloted[key], plain[key], atol=1e-5, rtol=1e-5)
+        for aux_a, aux_b in zip(piloted["aux_outputs"], plain["aux_outputs"]):
+            torch.testing.assert_close(aux_a[key], aux_b[key], atol=1e-5, rtol=1e-5)
+
+
+def test_r50_parameter_count():
+    model = build_model(load_config("r50"))
+    assert abs(model.num_parameters() - 44.0e6) / 44.0e6 < 0.01, model.num_parameters()
+
+
+def test_forward_raw_structure():
+    model = tiny()
+    cfg = model.cfg
+    images, targets = shapes_batch([2, 3])
+    model.train()
+    raw = model.forward_raw(images, targets)
+    assert raw["pred_logits"].shape == (2, cfg.num_queries, cfg.num_classes + 1)
+    assert raw["pred_masks"].shape == (2, cfg.num_queries, 16, 16)
+    assert len(raw["aux_outputs"]) == cfg.dec_layers
+    pilot = raw["pilot"]
+    assert pilot["pred_logits"].shape == (2, 3, cfg.num_classes + 1) and len(pilot["aux_outputs"]) == cfg.dec_layers
+    assert pilot["valid"].tolist() == [[True, True, False], [True, True, True]]
+
+
+def test_matcher_recovers_a_perfect_assignment():
+    model = tiny()
+    _, targets = shapes_batch([3, 0])
+    q = model.cfg.num_queries
+    k = model.cfg.num_classes
+    order = torch.tensor([7, 2, 11])
+    logits = torch.full((2, q, k + 1), -10.0)
+    logits[..., k] = 10.0
+    masks = torch.full((2, q, 64, 64), -10.0)
+    for t, query in enumerate(order):
+        logits[0, query, targets[0]["labels"][t]] = 10.0
+        masks[0, query][targets[0]["masks"][t]] = 10.0
+    (query_idx, target_idx), (empty_q, empty_t) = model.criterion.matcher(
+        {"pred_logits": logits, "pred_masks": masks}, targets)
+    assert torch.equal(query_idx[target_idx.argsort()], order)
+    assert empty_q.numel() == 0 and empty_t.numel() == 0 and empty_q.dtype == torch.int64
+
+
+@pytest.mark.parametrize("counts", [[2, 0, 5], [0, 0]])
+def test_losses_with_images_without_segments(counts):
+    model = tiny("model.pilot.groups=3")
+    model.train()
+    images, targets = shapes_batch(counts)
+    losses = model(images, targets)
+    dec = model.cfg.dec_layers
+    names = {f"loss_{n}{s}" for n in ("ce", "mask", "dice") for s in ["", *(f"_{i}" for i in range(dec))]}
+    assert {k for k in losses if "pilot" not in k} == names
+    assert {k.replace("_pilot", "") for k in losses if "pilot" in k} == names
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+    total = sum(losses.values())
+    total.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    label_grad = model.pilot.label_embed.weight.grad
+    if sum(counts):
+        assert label_grad is not None and label_grad.abs().sum() > 0
+    else:
+        assert all(v.item() == 0.0 for k, v in losses.items() if "pilot" in k)
+
+
+def test_bf16_autocast_forward_backward():
+    model = tiny("model.pilot.mask_noise=shift", "model.pilot.noise_ratio=0.2")
+    model.train()
+    images, targets = shapes_batch([2, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    assert all(v.dtype == torch.float32 for v in losses.values())
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert model.pilot.label_embed.weight.grad.abs().sum() > 0
+
+
+def test_postprocess_formats():
+    model = tiny("model.test.max_detections=10", "model.test.object_mask_threshold=0.0",
+                 "model.test.overlap_threshold=0.0")
+    model.eval()
+    images = torch.randn(2, 3, 60, 56)  # padded to 64 x 64 inside
+    image_sizes = [(60, 50), (40, 56)]
+    output_sizes = [(120, 100), (20, 28)]
+    with torch.no_grad():
+        results = model(images, image_sizes=image_sizes, output_sizes=output_sizes)
+        default = model(images)
+    k = model.cfg.num_classes
+    things = set(model.cfg.thing_classes)
+    for result, (h, w) in zip(results, output_sizes):
+        assert result["sem_seg"].shape == (k, h, w) and result["sem_seg"].dtype == torch.float32
+        segment_ids, segments = result["panoptic"]
+        assert segment_ids.shape == (h, w) and segment_ids.dtype == torch.int32
+        assert segments, "thresholds 0 keep at least one segment"
+        assert set(segment_ids.unique().tolist()) <= {0} | {s["id"] for s in segments}
+        for s in segments:
+            assert set(s) == {"id", "category_id", "isthing", "score"}
+            assert s["isthing"] == (s["category_id"] in things) and 0 <= s["score"] <= 1
+        inst = result["instances"]
+        n = inst["masks"].shape[0]
+        assert 0 < n <= 10 and inst["masks"].shape == (n, h, w) and inst["masks"].dtype == torch.bool
+        assert inst["scores"].shape == (n,) and inst["scores"].dtype == torch.float32
+        assert inst["labels"].shape == (n,) and inst["labels"].dtype == torch.int64
+        assert set(inst["labels"].tolist()) <= things
+    assert default[0]["sem_seg"].shape == (k, 60, 56)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = model(images[:1])[0]
+    assert amp["sem_seg"].dtype == torch.float32 and amp["instances"]["scores"].dtype == torch.float32
+    only_semantic = tiny("model.test.instance_on=false", "model.test.panoptic_on=false").eval()
+    with torch.no_grad():
+        assert set(only_semantic(images)[0]) == {"sem_seg"}
+
+
+def test_bad_targets_are_rejected():
+    model = tiny().train()
+    images, targets = shapes_batch([2])
+    with pytest.raises(ValueError, match="masks"):
+        model(images, [{"labels": targets[0]["labels"], "masks": targets[0]["masks"][:, :32]}])
+    with pytest.raises(ValueError, match="num_classes"):
+        model(images, [{"labels": torch.tensor([0, 99]), "masks": targets[0]["masks"]}])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pilot", [True, False])
+def test_tiny_model_overfits_a_fixed_batch(pilot):
+    model = tiny(f"model.pilot.enabled={str(pilot).lower()}").train()
+    images, targets = shapes_batch([2, 3], seed=0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    history = []
+    for _ in range(150):
+        loss = sum(model(images, targets).values())
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        history.append(loss.item())
+    assert np.mean(history[-10:]) <= 0.2 * history[0], (history[0], history[-10:])
+
+    model.eval()
+    with torch.no_grad():
+        raw = model.forward_raw(images)
+    for b, (queries, segments) in enumerate(model.criterion.matcher(raw, targets)):
+        assert len(segments) == len(targets[b]["labels"])
+        pred = torch.nn.functional.interpolate(raw["pred_masks"][b:b + 1], size=(64, 64), mode="bilinear")[0]
+        pred = pred[queries] > 0
+        gt = targets[b]["masks"][segments]
+        iou = (pred & gt).sum((1, 2)).float() / (pred | gt).sum((1, 2)).float()
+        assert (iou > 0.8).all(), iou
+
+
+@pytest.mark.parametrize("layers", ["all", 1])
+def test_decoder_uses_ground_truth_masks_in_piloted_layers(layers):
+    model = tiny(f"model.pilot.layers={layers}", "model.pilot.mask_noise=none", "model.pilot.groups=2").train()
+    images, targets = shapes_batch([2, 3])
+    seen = {}
+    for i, layer in enumerate(model.predictor.cross_attention_layers):
+        layer.register_forward_pre_hook(lambda mod, args, i=i: seen.__setitem__(i, args[2]))
+    with torch.no_grad():
+        model.forward_raw(images, targets)
+    q, heads = model.cfg.num_queries, model.cfg.nheads
+    for i, stride in enumerate([32, 16, 8]):
+        blocked = seen[i][::heads, q:].view(2, 2, 3, -1)  # [B, group, slot, h*w]
+        piloted = layers == "all" or i < layers
+        for b, t in enumerate(targets):
+            gt = torch.nn.functional.max_pool2d(t["masks"].float()[:, None], stride)[:, 0].flatten(1) > 0
+            n = len(t["labels"])
+            matches = all(torch.equal(blocked[b, g, :n], ~gt) for g in range(2))
+            assert matches == piloted, (i, b)

@@ -1,0 +1,157 @@
+"""Pilot queries: layout, self-attention mask, cross-attention masks and their noise, label noise."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mpformer_ray.model.pilot import PilotQueries, affine_noise, box_of
+
+H = W = 64
+Q = 5
+SIZES = [(2, 2), (4, 4), (8, 8)]  # strides 32, 16, 8 of a 64 x 64 input
+
+
+def random_targets(counts: list[int], seed: int = 0, num_classes: int = 7) -> list[dict[str, torch.Tensor]]:
+    """Random rectangles (one per segment) with random labels."""
+    g = torch.Generator().manual_seed(seed)
+    targets = []
+    for n in counts:
+        masks = torch.zeros(n, H, W, dtype=torch.bool)
+        for k in range(n):
+            y0, x0 = torch.randint(0, H - 8, (2,), generator=g).tolist()
+            h, w = torch.randint(3, 24, (2,), generator=g).tolist()
+            masks[k, y0:y0 + h, x0:x0 + w] = True
+        targets.append({"labels": torch.randint(0, num_classes, (n,), generator=g), "masks": masks})
+    return targets
+
+
+def make_pilot(groups: int = 3, noise: str = "none", ratio: float = 0.0, label_noise: float = 0.0,
+               layers: int = 6, num_classes: int = 7) -> PilotQueries:
+    return PilotQueries(num_classes, hidden_dim=16, groups=groups, mask_noise=noise, noise_ratio=ratio,
+                        label_noise=label_noise, piloted_layers=layers)
+
+
+@pytest.mark.parametrize("counts", [[2, 0, 5], [0, 0]])
+def test_layout_and_self_attention_mask(counts):
+    g = 3
+    targets = random_targets(counts)
+    batch = make_pilot(groups=g)(targets, Q, (H, W))
+    n_max = max(counts)
+    p = g * n_max
+    assert batch.content.shape == (len(counts), p, 16)
+    assert batch.self_attn_mask.shape == (len(counts), Q + p, Q + p)
+    for b, n in enumerate(counts):
+        blocked = batch.self_attn_mask[b]
+        # matching queries see each other and no pilot query
+        assert not blocked[:Q, :Q].any()
+        assert blocked[:Q, Q:].all()
+        for gi in range(g):
+            real = [Q + gi * n_max + j for j in range(n)]
+            pad = [Q + gi * n_max + j for j in range(n, n_max)]
+            others = [Q + k for k in range(p) if not gi * n_max <= k < (gi + 1) * n_max]
+            assert batch.valid[b, [r - Q for r in real]].all() and not batch.valid[b, [x - Q for x in pad]].any()
+            assert batch.target_index[b, [r - Q for r in real]].tolist() == list(range(n))
+            assert torch.equal(batch.labels[b, [r - Q for r in real]], targets[b]["labels"])
+            # a group sees itself and the matching queries, never another group
+            assert not blocked[real][:, real].any()
+            assert not blocked[real][:, :Q].any()
+            assert blocked[real][:, others].all()
+            # padding slots see only themselves and nobody sees them
+            for s in pad:
+                assert blocked[s].sum() == Q + p - 1 and not blocked[s, s]
+                assert blocked[torch.arange(Q + p) != s, s].all()
+                assert not batch.content[b, s - Q].any()
+
+
+def test_cross_attention_masks_without_noise_are_area_resized_gt():
+    counts, g = [2, 0, 5], 3
+    targets = random_targets(counts, seed=1)
+    batch = make_pilot(groups=g, noise="none", layers=6)(targets, Q, (H, W))
+    n_max = max(counts)
+    for layer in range(6):
+        size = SIZES[layer % 3]
+        stride = H // size[0]
+        got = batch.cross_attention_mask(layer, size)
+        assert got.shape == (3, g * n_max, size[0] * size[1])
+        for b, t in enumerate(targets):
+            expected = F.max_pool2d(t["masks"].float()[:, None], stride)[:, 0].flatten(1) > 0  # [n, h*w]
+            for gi in range(g):
+                slots = got[b, gi * n_max: gi * n_max + counts[b]]
+                assert torch.equal(slots, expected)
+                assert not got[b, gi * n_max + counts[b]: (gi + 1) * n_max].any()
+
+
+def test_only_the_first_k_layers_are_piloted():
+    batch = make_pilot(layers=2)(random_targets([3]), Q, (H, W))
+    assert batch.cross_attention_mask(0, SIZES[0]) is not None
+    assert batch.cross_attention_mask(1, SIZES[1]) is not None
+    assert batch.cross_attention_mask(2, SIZES[2]) is None
+    assert batch.cross_attention_mask(5, SIZES[2]) is None
+
+
+def test_point_noise_flips_about_ratio_times_area():
+    torch.manual_seed(0)
+    ratio, g = 0.3, 4
+    targets = random_targets([6, 4], seed=2)
+    clean = make_pilot(groups=g, noise="none")(targets, Q, (H, W)).cross_attention_mask(2, (8, 8))
+    flips, expected = 0.0, 0.0
+    draws = 200
+    pilot = make_pilot(groups=g, noise="point", ratio=ratio)
+    for _ in range(draws):
+        noisy = pilot(targets, Q, (H, W)).cross_attention_mask(2, (8, 8))
+        flips += (noisy ^ clean).sum().item()
+        expected += ratio * clean.sum().item()
+    assert flips == pytest.approx(expected, rel=0.05)
+    # each layer draws its own point noise; groups draw independently
+    batch = pilot(targets, Q, (H, W))
+    assert not torch.equal(batch.cross_attention_mask(2, (8, 8)), batch.cross_attention_mask(2, (8, 8)))
+    n_max = 6
+    groups = batch.cross_attention_mask(2, (8, 8)).view(2, g, n_max, -1)
+    assert not all(torch.equal(groups[:, 0], groups[:, k]) for k in range(1, g))
+
+
+def test_label_noise_rate():
+    torch.manual_seed(0)
+    k, rate = 7, 0.3
+    pilot = make_pilot(groups=2, label_noise=rate, num_classes=k)
+    targets = random_targets([5, 3, 4], seed=3, num_classes=k)
+    changed, total = 0, 0
+    for _ in range(300):
+        batch = pilot(targets, Q, (H, W))
+        # recover the class each content vector embeds
+        dist = torch.cdist(batch.content[batch.valid], pilot.label_embed.weight)
+        used = dist.argmin(-1)
+        assert torch.allclose(dist.min(-1).values, torch.zeros(()), atol=1e-5)
+        changed += (used != batch.labels[batch.valid]).sum().item()
+        total += used.numel()
+    # a random replacement keeps the true class with probability 1/K
+    expected = rate * (k - 1) / k
+    sigma = math.sqrt(expected * (1 - expected) / total)
+    assert abs(changed / total - expected) < 4 * sigma
+
+
+def test_shift_and_scale_noise_stay_within_ratio():
+    torch.manual_seed(0)
+    masks = torch.zeros(200, H, W, dtype=torch.bool)
+    masks[:, 20:40, 16:32] = True  # box 16 wide, 20 high, centre (23.5, 29.5)
+    ratio = 0.25
+    shifted = affine_noise(masks, "shift", ratio)
+    cx, cy, bw, bh = box_of(shifted)
+    assert torch.equal(bw, torch.full_like(bw, 16.0)) and torch.equal(bh, torch.full_like(bh, 20.0))
+    assert ((cx - 23.5).abs() <= ratio * 16 + 1).all() and ((cy - 29.5).abs() <= ratio * 20 + 1).all()
+    assert (cx - 23.5).abs().max() > 1  # it does move
+    scaled = affine_noise(masks, "scale", ratio)
+    cx, cy, bw, bh = box_of(scaled)
+    assert ((bw >= 16 * (1 - ratio) - 1) & (bw <= 16 * (1 + ratio) + 1)).all()
+    assert ((cx - 23.5).abs() <= 1).all() and ((cy - 29.5).abs() <= 1).all()
+    assert bw.unique().numel() > 3
+    assert torch.equal(affine_noise(masks, "shift", 0.0), masks)
+
+
+def test_pilot_config_is_validated():
+    with pytest.raises(ValueError, match="mask_noise"):
+        make_pilot(noise="blur")
