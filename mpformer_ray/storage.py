@@ -81,8 +81,10 @@ def exists(uri: str, endpoint_url: str | None = None) -> bool:
 def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
     fs, path = resolve(uri, endpoint_url)
     try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
+        # a random-access file read with its size is one GET; a stream's read() pulls the
+        # object in small ranged GETs (82 s instead of 0.7 s for 135 MB from a moto server)
+        with fs.open_input_file(path) as f:
+            return f.read(f.size())
     except FileNotFoundError as e:
         raise StorageError(f"{uri} does not exist") from e
     except OSError as e:

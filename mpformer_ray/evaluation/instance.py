@@ -10,9 +10,11 @@ contiguous id; detections labelled with a stuff class are dropped (a panoptic mo
 from __future__ import annotations
 
 import contextlib
-import io
+from collections.abc import Iterator
 
 import numpy as np
+import pycocotools.coco
+import pycocotools.cocoeval
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -33,6 +35,21 @@ def encode_many(masks: np.ndarray) -> list[dict]:
     if len(masks) == 0:
         return []
     return mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+
+
+@contextlib.contextmanager
+def quiet_pycocotools() -> Iterator[None]:
+    """Silence pycocotools' progress prints. Shadowing ``print`` in its modules (rather than
+    redirecting stdout) also works inside Ray Train workers, whose patched ``print`` copies
+    every call into the log even while stdout is redirected."""
+    modules = (pycocotools.coco, pycocotools.cocoeval)
+    for module in modules:
+        module.print = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.print
 
 
 class InstanceEvaluator:
@@ -86,7 +103,7 @@ class InstanceEvaluator:
         coco = COCO()
         coco.dataset = {"images": images, "annotations": anns,
                         "categories": [{"id": c, "name": str(c)} for c in self.thing_ids]}
-        with contextlib.redirect_stdout(io.StringIO()):
+        with quiet_pycocotools():
             coco.createIndex()
         return coco
 
@@ -98,7 +115,7 @@ class InstanceEvaluator:
             return {f"segm/{k}": float("nan") for k in _STAT_NAMES}
         gt, dt = self._coco("gt"), self._coco("dt")
         evaluator = COCOeval(gt, dt, iouType="segm")
-        with contextlib.redirect_stdout(io.StringIO()):
+        with quiet_pycocotools():
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()

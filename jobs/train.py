@@ -1,0 +1,65 @@
+"""Train MP-Former on Ray Train.
+
+    python jobs/train.py                                   # tiny preset on the synthetic dataset
+    python jobs/train.py --config r50 --set data.train=s3://bucket/coco/train ...
+    ray job submit --working-dir . -- python jobs/train.py --config configs/my.yaml
+
+Rerunning with the same run.name resumes from the run's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# the repository root, for `ray job submit --working-dir .` on an image without the package installed
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mpformer_ray import storage  # noqa: E402
+from mpformer_ray.config import DEFAULT_PRESET, ConfigError, load_config  # noqa: E402
+from mpformer_ray.data.records import DataError  # noqa: E402
+from mpformer_ray.log import setup_logging  # noqa: E402
+from mpformer_ray.train import PreflightError, latest_checkpoint, run_training  # noqa: E402
+from mpformer_ray.train.checkpoint import CheckpointStore  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=DEFAULT_PRESET, help="preset name or YAML path (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.max_iters=100 (repeatable)")
+    parser.add_argument("--address", default=None,
+                        help="Ray address (default: RAY_ADDRESS, else start a local Ray)")
+    return parser.parse_args(argv)
+
+
+def results_table(metrics: dict) -> str:
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in sorted(metrics.items())]
+    width = max((len(k) for k, _ in rows), default=6)
+    return "\n".join([f"{'metric':<{width}}  value", f"{'-' * width}  -----"] + [f"{k:<{width}}  {v}" for k, v in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        plan, _ = run_training(cfg, address=args.address)
+    except (ConfigError, PreflightError, DataError, storage.StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    store = CheckpointStore(plan.run_uri, plan.endpoint_url)
+    pointer = store.pointer() or {}
+    print("\nfinal metrics")
+    print(results_table(pointer.get("metrics", {})))
+    print(f"\ncheckpoints:  {store.dir}")
+    print(f"latest:       {latest_checkpoint(plan.run_uri, plan.endpoint_url)}")
+    if pointer.get("best"):
+        best = pointer["best"]
+        print(f"best:         {storage.join(store.dir, best['checkpoint'])} ({best['metric']} {best['value']:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""Prediction on image files: overlays for people, raw outputs in standard formats for programs.
+
+Per input image ``NAME.ext`` (``write_predictions``), depending on the tasks the config enables:
+
+    NAME_overlay.png       the image with predicted segments blended in colour, class names and scores
+    NAME_sem_seg.png       uint8 [H, W] label map (argmax of the semantic scores; contiguous class ids)
+    NAME_panoptic.png      COCO panoptic id map, id = R + 256 G + 256^2 B (0 = void)
+    NAME_panoptic.json     COCO panoptic annotation: {"image_id", "file_name", "segments_info":
+                           [{"id", "category_id", "train_id", "name", "isthing", "score", "area", "bbox"}]}
+    NAME_instances.json    COCO results list: [{"image_id", "category_id", "segmentation" (RLE), "score"}]
+
+``category_id`` in the JSON files is the dataset's own id (the manifest's ``source_id``), so the
+files load into COCO tools next to the original annotations; ``train_id`` / the label map use
+the contiguous ids 0..K-1 the model predicts.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from pycocotools import mask as mask_util
+from torch import nn
+
+from mpformer_ray import storage
+from mpformer_ray.config import Config, load_config, to_yaml
+from mpformer_ray.data.transforms import eval_transform, normalize
+
+_GOLDEN = 0.618033988749895  # hue step that keeps consecutive colours far apart
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> the first CUDA GPU when there is one, else the CPU; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """``cfg`` with dotted ``key=value`` overrides applied (validated like any config)."""
+    if not overrides:
+        return cfg
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "checkpoint_config.yaml"
+        path.write_text(to_yaml(cfg))
+        return load_config(path, overrides)
+
+
+def load_for_inference(checkpoint: str, overrides: list[str] | None = None, device: str | torch.device = "cpu",
+                       endpoint_url: str | None = None) -> tuple[nn.Module, Config, list[dict]]:
+    """(model in eval mode on ``device``, its config with ``overrides``, the dataset's classes) from a
+    checkpoint file or run directory (local or s3://). Overrides of ``model.*`` (e.g. the
+    post-processing thresholds ``model.test.*``) rebuild the model around the saved weights."""
+    from mpformer_ray.model import build_model
+    from mpformer_ray.train.checkpoint import load_model
+
+    model, cfg, classes = load_model(checkpoint, device, endpoint_url)
+    new = with_overrides(cfg, overrides or [])
+    if new.model != cfg.model:
+        rebuilt = build_model(new)
+        rebuilt.load_state_dict(model.state_dict())
+        model = rebuilt.to(device).eval()
+    return model, new, classes
+
+
+def load_image(uri: str, endpoint_url: str | None = None) -> np.ndarray:
+    """An image file (local or s3://) -> uint8 [H, W, 3] RGB, EXIF orientation applied."""
+    data = storage.read_bytes(uri, endpoint_url)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image = ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{uri}: cannot decode as an image ({e}); give a PNG or JPEG file") from None
+    return np.asarray(image)
+
+
+def image_id_for(name: str, index: int) -> int:
+    """COCO-style image id: the digits of a name like ``000000397133.jpg``, else ``index``."""
+    stem = re.sub(r"\.[^.]*$", "", name.rsplit("/", 1)[-1])
+    return int(stem) if stem.isdigit() else index
+
+
+@torch.no_grad()
+def predict(model: nn.Module, image: np.ndarray, cfg: Config, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Run the model in eval mode on one uint8 [H, W, 3] image.
+
+    Returns the model's eval output at the image's own resolution: any of "sem_seg" float [K, H, W],
+    "panoptic" (int32 [H, W] id map, [{"id", "category_id", "isthing", "score"}]),
+    "instances" {"masks": bool [Q, H, W], "scores": float [Q], "labels": int64 [Q]}, on the CPU.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"predict: image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+    resized, original_hw = eval_transform({"image": image}, cfg.data)
+    model.eval()
+    batch = normalize(torch.tensor(resized)[None].to(device))  # a copy: PIL's arrays are read-only
+    out = model(batch, image_sizes=[tuple(resized.shape[:2])], output_sizes=[original_hw])[0]
+    result: dict[str, Any] = {}
+    if "sem_seg" in out:
+        result["sem_seg"] = out["sem_seg"].float().cpu()
+    if "panoptic" in out:
+        id_map, segments = out["panoptic"]
+        result["panoptic"] = (id_map.cpu(), [{k: _plain(v) for k, v in s.items()} for s in segments])
+    if "instances" in out:
+        result["instances"] = {k: v.cpu() for k, v in out["instances"].items()}
+    return result
+
+
+def _plain(value: Any) -> Any:
+    """A tensor scalar or numpy scalar -> the Python number JSON can hold."""
+    if isinstance(value, (torch.Tensor, np.generic)):
+        return value.item()
+    return value
+
+
+def _class(classes: list[dict], train_id: int) -> dict:
+    if not 0 <= train_id < len(classes):
+        raise ValueError(f"predicted class {train_id} is outside the model's {len(classes)} classes; the checkpoint's "
+                         "class list does not match its model")
+    return classes[train_id]
+
+
+def _source_id(cls: dict) -> int:
+    return int(cls.get("source_id", cls["id"]))
+
+
+def semantic_map(prediction: dict) -> np.ndarray:
+    """"sem_seg" float [K, H, W] -> uint8 [H, W] label map (argmax)."""
+    scores = prediction["sem_seg"]
+    if scores.shape[0] > 255:
+        raise ValueError(f"{scores.shape[0]} classes do not fit a uint8 label map (255 at most)")
+    return scores.argmax(0).to(torch.uint8).numpy()
+
+
+def encode_panoptic_ids(id_map: np.ndarray) -> np.ndarray:
+    """int [H, W] segment ids -> uint8 [H, W, 3] RGB with id = R + 256 G + 256^2 B (COCO panoptic)."""
+    ids = id_map.astype(np.int64)
+    if ids.min(initial=0) < 0 or ids.max(initial=0) >= 256 ** 3:
+        raise ValueError("panoptic segment ids must lie in [0, 256^3)")
+    return np.stack([ids % 256, ids // 256 % 256, ids // 256 ** 2], axis=-1).astype(np.uint8)
+
+
+def decode_panoptic_ids(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] COCO panoptic PNG -> int64 [H, W] segment ids."""
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 ** 2 * rgb[..., 2]
+
+
+def panoptic_annotation(prediction: dict, classes: list[dict], image_id: int, file_name: str) -> dict:
+    """COCO panoptic annotation for the predicted id map (segments with no pixels left out)."""
+    id_map, segments = prediction["panoptic"]
+    id_map = np.asarray(id_map, dtype=np.int64)
+    ids, areas = np.unique(id_map, return_counts=True)
+    area = dict(zip(ids.tolist(), areas.tolist()))
+    info = []
+    for seg in segments:
+        sid = int(seg["id"])
+        if area.get(sid, 0) == 0:
+            continue
+        cls = _class(classes, int(seg["category_id"]))
+        ys, xs = np.nonzero(id_map == sid)
+        info.append({
+            "id": sid, "category_id": _source_id(cls), "train_id": int(cls["id"]), "name": cls["name"],
+            "isthing": bool(cls["isthing"]), "score": float(seg.get("score", 1.0)), "area": int(area[sid]),
+            "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
+        })
+    return {"image_id": int(image_id), "file_name": file_name, "segments_info": info}
+
+
+def instance_results(prediction: dict, classes: list[dict], image_id: int, score_threshold: float = 0.0) -> list[dict]:
+    """COCO detection results (``COCO.loadRes`` format) for the predicted instances with
+    score >= ``score_threshold`` and a non-empty mask."""
+    inst = prediction["instances"]
+    masks = inst["masks"].numpy().astype(bool)
+    scores = inst["scores"].float().numpy()
+    labels = inst["labels"].numpy()
+    results = []
+    for mask, score, label in zip(masks, scores, labels):
+        if score < score_threshold or not mask.any():
+            continue
+        rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+        results.append({
+            "image_id": int(image_id), "category_id": _source_id(_class(classes, int(label))),
+            "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+            "score": float(score),
+        })
+    return results
+
+
+def _colour(index: int) -> np.ndarray:
+    r, g, b = colorsys.hsv_to_rgb((index * _GOLDEN) % 1.0, 0.75, 0.95)
+    return np.array([r, g, b]) * 255
+
+
+def _overlay_segments(prediction: dict, classes: list[dict], score_threshold: float) -> list[tuple]:
+    """(bool [H, W] mask, colour index, label text) per segment to draw, lowest score first."""
+    if "panoptic" in prediction:
+        id_map, segments = prediction["panoptic"]
+        id_map = np.asarray(id_map)
+        out = []
+        for seg in sorted(segments, key=lambda s: float(s.get("score", 1.0))):
+            mask = id_map == int(seg["id"])
+            if mask.any():
+                cls = _class(classes, int(seg["category_id"]))
+                # things get one colour per segment, stuff one colour per class
+                colour = int(seg["id"]) if cls["isthing"] else 1000 + int(cls["id"])
+                out.append((mask, colour, f"{cls['name']} {float(seg.get('score', 1.0)):.2f}"))
+        return out
+    if "instances" in prediction:
+        inst = prediction["instances"]
+        scores = inst["scores"].float().numpy()
+        order = [i for i in np.argsort(scores) if scores[i] >= score_threshold]
+        return [(inst["masks"][i].numpy().astype(bool), k, f"{_class(classes, int(inst['labels'][i]))['name']} "
+                 f"{scores[i]:.2f}") for k, i in enumerate(order) if inst["masks"][i].any()]
+    labels = semantic_map(prediction)
+    return [(labels == c, 1000 + int(c), _class(classes, int(c))["name"]) for c in np.unique(labels)]
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` with a 4-neighbour outside it."""
+    padded = np.pad(mask, 1)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def render_overlay(image: np.ndarray, prediction: dict, classes: list[dict], score_threshold: float = 0.5,
+                   alpha: float = 0.5) -> Image.Image:
+    """The image with each predicted segment blended in colour (outlined), and its class name and
+    score written at the segment's centre. Panoptic segments when predicted, else instances with
+    score >= ``score_threshold``, else the semantic label map."""
+    canvas = image.astype(np.float32).copy()
+    segments = _overlay_segments(prediction, classes, score_threshold)
+    for mask, colour_index, _ in segments:
+        colour = _colour(colour_index)
+        canvas[mask] = (1 - alpha) * canvas[mask] + alpha * colour
+        canvas[_boundary(mask)] = colour
+    out = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default()
+    for mask, _, text in segments:
+        ys, xs = np.nonzero(mask)
+        x, y = float(xs.mean()), float(ys.mean())
+        left, top, right, bottom = draw.textbbox((x, y), text, font=font, anchor="mm")
+        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
+        draw.text((x, y), text, fill=(255, 255, 255), font=font, anchor="mm")
+    return out
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_predictions(out_uri: str, name: str, image: np.ndarray, prediction: dict, classes: list[dict],
+                      image_id: int, *, score_threshold: float = 0.5,
+                      endpoint_url: str | None = None) -> dict[str, str]:
+    """Write the overlay and raw outputs of one image (see the module docstring) under
+    ``out_uri`` (local directory or s3://); returns {kind: written URI}."""
+    stem = re.sub(r"\.[^.]*$", "", name.rsplit("/", 1)[-1])
+    written: dict[str, str] = {}
+
+    def put(kind: str, suffix: str, data: bytes) -> None:
+        uri = storage.join(out_uri, f"{stem}_{suffix}")
+        storage.write_bytes(uri, data, endpoint_url)
+        written[kind] = uri
+
+    put("overlay", "overlay.png", _png(np.asarray(render_overlay(image, prediction, classes, score_threshold))))
+    if "sem_seg" in prediction:
+        put("sem_seg", "sem_seg.png", _png(semantic_map(prediction)))
+    if "panoptic" in prediction:
+        png_name = f"{stem}_panoptic.png"
+        put("panoptic_png", "panoptic.png", _png(encode_panoptic_ids(np.asarray(prediction["panoptic"][0]))))
+        annotation = panoptic_annotation(prediction, classes, image_id, png_name)
+        put("panoptic_json", "panoptic.json", json.dumps(annotation, indent=1).encode())
+    if "instances" in prediction:
+        results = instance_results(prediction, classes, image_id)
+        put("instances_json", "instances.json", json.dumps(results).encode())
+    return written

@@ -1,0 +1,19 @@
+"""Distributed training: the plain loop, optimizer / schedule, checkpoints and Ray Train wiring."""
+
+from mpformer_ray.train.checkpoint import (
+    CheckpointStore,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+    run_uri,
+    save_checkpoint,
+)
+from mpformer_ray.train.loop import train_loop
+from mpformer_ray.train.optim import build_optimizer, build_scheduler, param_groups, poly_warmup_factor
+from mpformer_ray.train.trainer import PreflightError, TrainPlan, build_trainer, preflight, run_training
+
+__all__ = [
+    "CheckpointStore", "PreflightError", "TrainPlan", "build_optimizer", "build_scheduler", "build_trainer",
+    "latest_checkpoint", "load_checkpoint", "load_model", "param_groups", "poly_warmup_factor", "preflight",
+    "run_training", "run_uri", "save_checkpoint", "train_loop",
+]

@@ -1,0 +1,236 @@
+"""Ray Train wiring: pre-flight checks on the driver, then a TorchTrainer whose workers run
+the plain training loop on their Ray Data shard.
+
+Ray 2.60 runs Train V2 (``RAY_TRAIN_V2_ENABLED``, on by default; set here explicitly so
+an environment that turned it off cannot silently switch APIs).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+import ray  # noqa: E402
+import ray.data  # noqa: E402
+import ray.train  # noqa: E402
+import ray.train.torch  # noqa: E402
+import torch  # noqa: E402
+
+from mpformer_ray import storage  # noqa: E402
+from mpformer_ray.config import Config, config_from_dict  # noqa: E402
+from mpformer_ray.log import setup_logging  # noqa: E402
+from mpformer_ray.data.records import DataError, read_manifest  # noqa: E402
+from mpformer_ray.train.checkpoint import CheckpointStore, run_uri  # noqa: E402
+from mpformer_ray.train.loop import train_loop  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# The evaluated tasks follow the annotations the manifest says the split has.
+TASKS = {"panoptic": ["panoptic", "instance", "semantic"], "instance": ["instance"], "semantic": ["semantic"]}
+
+
+class PreflightError(ValueError):
+    """The run cannot start; the message names the config field or URI and the fix."""
+
+
+@dataclass
+class TrainPlan:
+    """Everything the workers need, checked on the driver before any worker starts."""
+
+    cfg: Config  # with data.train / data.val resolved and model.thing_classes filled
+    run_uri: str
+    endpoint_url: str | None
+    classes: list[dict]
+    tasks: list[str]
+
+    @property
+    def main_metric(self) -> str:
+        from mpformer_ray.evaluation import main_metric
+
+        return main_metric(set(self.tasks))
+
+
+def _check_train_fields(cfg: Config) -> None:
+    t = cfg.train
+    problems = [f"train.{name} must be >= 1; got {getattr(t, name)}"
+                for name in ("log_period", "checkpoint_period", "keep_checkpoints") if getattr(t, name) < 1]
+    problems += [f"train.{name} must be >= 0; got {getattr(t, name)}"
+                 for name in ("eval_period", "eval_max_images", "max_failures", "warmup_iters") if getattr(t, name) < 0]
+    if t.cpus_per_worker <= 0:
+        problems.append(f"train.cpus_per_worker must be > 0; got {t.cpus_per_worker}")
+    if t.amp == "fp16" and not t.use_gpu:
+        problems.append("train.amp=fp16 needs a GPU (train.use_gpu=true); use train.amp=off or bf16 on CPU")
+    if problems:
+        raise PreflightError("invalid training config:\n  " + "\n  ".join(problems))
+
+
+def _manifest(uri: str, field: str, endpoint_url: str | None) -> dict:
+    try:
+        return read_manifest(uri, endpoint_url)
+    except (DataError, storage.StorageError) as e:
+        raise PreflightError(f"{field}={uri!r} cannot be read: {e}") from None
+
+
+def preflight(cfg: Config) -> TrainPlan:
+    """Check config, storage and datasets before any worker starts; generate the synthetic
+    dataset when ``data.train`` is empty. Raises PreflightError naming the field / URI and fix."""
+    from mpformer_ray.data.synthetic import ensure_synthetic
+
+    cfg = copy.deepcopy(cfg)
+    _check_train_fields(cfg)
+    endpoint = storage.endpoint_for(cfg.storage.endpoint_url)
+    if not cfg.data.train:
+        train_uri, val_uri = ensure_synthetic(cfg.data.synthetic)
+        cfg.data.train, cfg.data.val = train_uri, cfg.data.val or val_uri
+
+    run = run_uri(cfg)
+    try:
+        storage.check_writable(run, endpoint)
+    except storage.StorageError as e:
+        raise PreflightError(
+            f"storage.uri={cfg.storage.uri!r}: cannot write the run directory {run}: {e}. Fix: point "
+            "storage.uri at a writable directory or bucket (and storage.endpoint_url / AWS_ENDPOINT_URL "
+            "at the S3 service)") from None
+
+    train = _manifest(cfg.data.train, "data.train", endpoint)
+    classes = train["classes"]
+    if len(classes) != cfg.model.num_classes:
+        raise PreflightError(
+            f"model.num_classes={cfg.model.num_classes} but data.train={cfg.data.train!r} has {len(classes)} "
+            f"classes; set --set model.num_classes={len(classes)}")
+    if cfg.data.val:
+        val = _manifest(cfg.data.val, "data.val", endpoint)
+        if [c["name"] for c in val["classes"]] != [c["name"] for c in classes]:
+            raise PreflightError(f"data.val={cfg.data.val!r} has different classes from data.train="
+                                 f"{cfg.data.train!r}; prepare both splits of the same dataset")
+    else:
+        log.warning("data.val is empty: training runs without evaluation")
+    if cfg.model.thing_classes is None:
+        cfg.model.thing_classes = [c["id"] for c in classes if c["isthing"]]
+    if train.get("task") not in TASKS:
+        raise PreflightError(f"data.train={cfg.data.train!r}: manifest task {train.get('task')!r} is not one of "
+                             f"{list(TASKS)}; re-run jobs/prepare_data.py")
+    return TrainPlan(cfg=cfg, run_uri=run, endpoint_url=endpoint, classes=classes, tasks=TASKS[train["task"]])
+
+
+def _quiet_ray_report_log() -> None:
+    """Ray Train logs every ``report`` call's whole metrics dict at INFO, which buries the loop's
+    own progress lines; that logger is named after its module's file path."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its log lines stay, nothing else changes
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train's per-worker function: adapts Ray's model / data / report to ``train_loop``."""
+    from mpformer_ray.data.pipeline import iter_batches
+    from mpformer_ray.evaluation.runner import evaluate_model
+    from mpformer_ray.model import build_model
+
+    setup_logging()
+    _quiet_ray_report_log()
+    cfg = config_from_dict(config["config"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    # same seed on every rank for the model init (DDP also broadcasts rank 0's weights);
+    # the loop's random draws (pilot noise) then differ because the data differs
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg)
+    # pilot label embeddings get no gradient in a step whose images have no segments
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    shard = ray.train.get_dataset_shard("train")
+    endpoint = config["endpoint_url"]
+    classes = config["classes"]
+
+    def evaluate(net: torch.nn.Module) -> dict[str, float]:
+        return evaluate_model(net, cfg.data.val, cfg, classes, device=device, rank=rank, world_size=world_size,
+                              max_images=cfg.train.eval_max_images, endpoint_url=endpoint)
+
+    train_loop(
+        model,
+        lambda epoch: iter_batches(shard, cfg.train.batch_size, epoch=epoch, device=device),
+        cfg,
+        ray.train.report,
+        CheckpointStore(config["run_uri"], endpoint, keep=cfg.train.keep_checkpoints),
+        classes=classes,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        evaluate=evaluate if cfg.data.val else None,
+        main_metric=config["main_metric"],
+    )
+
+
+def build_trainer(plan: TrainPlan, callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
+    """A TorchTrainer for ``plan``: ``train.workers`` DDP workers, each with
+    ``train.cpus_per_worker`` CPUs (and a GPU when ``train.use_gpu``), restarted up to
+    ``train.max_failures`` times, Ray's run files under the run directory."""
+    from mpformer_ray.data.pipeline import build_dataset
+
+    cfg, t = plan.cfg, plan.cfg.train
+    dataset = build_dataset(cfg.data.train, cfg, train=True, endpoint_url=plan.endpoint_url)
+    fs, path = storage.resolve(cfg.storage.uri, plan.endpoint_url)
+    return ray.train.torch.TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "run_uri": plan.run_uri,
+            "endpoint_url": plan.endpoint_url,
+            "classes": plan.classes,
+            "main_metric": plan.main_metric,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets={"train": dataset},
+    )
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to ``address`` / ``RAY_ADDRESS`` (a cluster or ``ray job submit``), else start a
+    local Ray on this machine's cores."""
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=len(os.sched_getaffinity(0)))
+
+
+def _check_resources(cfg: Config) -> None:
+    """Warn when the workers would take every CPU: Ray Data's decode tasks then never get
+    scheduled and training hangs (seen with 2 workers x 1 CPU on 2 cores)."""
+    total = ray.cluster_resources().get("CPU", 0.0)
+    needed = cfg.train.workers * cfg.train.cpus_per_worker + cfg.data.cpus_per_task
+    if needed > total:
+        log.warning(
+            "train.workers x train.cpus_per_worker (%d x %g) leaves less than data.cpus_per_task (%g) of the "
+            "cluster's %g CPUs for Ray Data; training will wait for more nodes or hang. Lower "
+            "train.cpus_per_worker (e.g. 0.5) or train.workers.",
+            cfg.train.workers, cfg.train.cpus_per_worker, cfg.data.cpus_per_task, total)
+
+
+def run_training(cfg: Config, address: str | None = None) -> tuple[TrainPlan, ray.train.Result]:
+    """Pre-flight, start (or join) Ray, train, and return (plan, Ray's Result); raises
+    PreflightError before any worker starts, or Ray's TrainingFailedError when workers fail
+    more than ``train.max_failures`` times."""
+    plan = preflight(cfg)
+    init_ray(address)
+    _check_resources(plan.cfg)
+    # one progress bar per epoch would bury the training log, which already reports throughput
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    result = build_trainer(plan).fit()
+    return plan, result

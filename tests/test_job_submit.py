@@ -1,0 +1,160 @@
+"""``ray job submit`` against a real local head with token authentication on (slow).
+
+The head runs as ``RAY_AUTH_MODE=token ray start --head --block``; the client gets the token
+through ``RAY_AUTH_MODE=token`` plus ``RAY_AUTH_TOKEN`` (or ``RAY_AUTH_TOKEN_PATH`` / the
+default ``~/.ray/auth_token``). A submit without a token, or with a wrong one, is refused.
+
+Teardown stops only the head this test started (its ``ray start --block`` process group), never
+with ``ray stop``: that command stops every Ray process on the machine, other sessions' included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpformer_ray.config import load_config
+from mpformer_ray.data.coco import convert_coco
+from mpformer_ray.data.records import read_manifest
+from mpformer_ray.model import build_model
+from mpformer_ray.train.checkpoint import save_checkpoint
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+TINY = [
+    "model.dec_layers=2", "model.enc_layers=1", "model.num_queries=8", "model.hidden_dim=32", "model.nheads=2",
+    "model.dim_feedforward=64", "model.enc_dim_feedforward=64", "model.mask_dim=32", "model.train_num_points=256",
+    "data.test_short_side=64", "data.test_max_size=64",
+]
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _client_env(home: Path, **auth: str) -> dict[str, str]:
+    """Environment for a ``ray`` CLI client: no token source but those in ``auth`` (HOME points at
+    an empty directory so a developer's own ~/.ray/auth_token is not picked up)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=str(home), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1", **auth)
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A token-authenticated Ray head; yields {"address", "token", "home"}."""
+    base = tmp_path_factory.mktemp("ray_head")
+    home = base / "home"
+    home.mkdir()
+    token = secrets.token_hex(32)
+    gcs, dashboard, client, agent_listen, agent_grpc, runtime_env, metrics = _free_ports(7)
+    temp_dir = Path("/tmp") / f"rjs-{secrets.token_hex(4)}"  # unix socket paths must stay short
+    log = open(base / "head.log", "w")
+    # the job's `python` resolves on the head's PATH: put this interpreter's env first
+    env = _client_env(home, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    head = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
+         "--dashboard-port", str(dashboard), "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
+         "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent_listen),
+         "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env),
+         "--metrics-export-port", str(metrics), "--temp-dir", str(temp_dir)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # the dashboard answers (refusing an unauthenticated call is an answer)
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if head.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"ray head did not come up: {(base / 'head.log').read_text()[-3000:]}")
+                time.sleep(1)
+        yield {"address": address, "token": token, "home": home}
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
+            try:
+                head.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait()
+        log.close()
+
+
+def _submit(ray_head, env: dict, entrypoint: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--working-dir", str(ROOT),
+         "--", *entrypoint], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_submit_without_or_with_wrong_token_is_refused(ray_head):
+    entry = ["python", "-c", "print('should not run')"]
+    no_token = _submit(ray_head, _client_env(ray_head["home"]), entry)
+    assert no_token.returncode != 0
+    assert "Unauthorized" in no_token.stderr or "Authentication" in no_token.stderr
+    wrong = _submit(ray_head, _client_env(ray_head["home"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-the-token"),
+                    entry)
+    assert wrong.returncode != 0 and "Invalid authentication token" in wrong.stderr
+    assert "should not run" not in no_token.stdout + wrong.stdout
+
+
+def test_submit_evaluate_job_with_token(ray_head, synthetic_coco, tmp_path):
+    val = str(tmp_path / "val")
+    convert_coco(str(synthetic_coco), "val", val, task="panoptic", shard_size=2, num_workers=1, progress=False)
+    cfg = load_config("tiny", TINY + [f"data.val={val}"])
+    torch.manual_seed(0)
+    state = {"iteration": 1, "model": build_model(cfg).state_dict(), "config": cfg.to_dict(),
+             "classes": read_manifest(val)["classes"], "metrics": {}, "best": None}
+    save_checkpoint(state, str(tmp_path / "run"))
+    # the token from a file, the way a workstation keeps it (RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)
+    token_file = tmp_path / "token"
+    token_file.write_text(ray_head["token"])
+    env = _client_env(ray_head["home"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    proc = _submit(ray_head, env, ["python", "jobs/evaluate.py", "--checkpoint", str(tmp_path / "run"),
+                                   "--max-images", "2", "--device", "cpu"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout + proc.stderr
+    start = proc.stdout.index("{")
+    metrics = json.loads(proc.stdout[start:proc.stdout.index("}", start) + 1])
+    assert metrics["num_images"] == 2 and "panoptic/PQ" in metrics
+
+
+def test_submit_train_job_with_token(ray_head, tmp_path):
+    """The product's main job through `ray job submit`: synthetic data generated on first use,
+    2 workers at 0.5 CPU on the head's 2 CPUs, checkpoints and a final evaluation."""
+    env = _client_env(ray_head["home"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=ray_head["token"])
+    sets = TINY + [
+        f"data.synthetic.root={tmp_path / 'synthetic'}", "data.synthetic.num_train=8", "data.synthetic.num_val=2",
+        "data.synthetic.image_size=64", "data.crop_size=[64,64]", "train.batch_size=2", "train.max_iters=4",
+        "train.log_period=2", "train.checkpoint_period=2", "train.eval_period=0", f"storage.uri={tmp_path / 'runs'}",
+        "run.name=submitted",
+    ]
+    proc = _submit(ray_head, env, ["python", "jobs/train.py", *[a for s in sets for a in ("--set", s)]])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in out, out[-4000:]
+    assert "iter 4/4" in out and "final metrics" in out and "panoptic/PQ" in out
+    pointer = json.loads((tmp_path / "runs" / "submitted" / "checkpoints" / "latest.json").read_text())
+    assert pointer["iteration"] == 4 and pointer["latest"] == "model_0000004.pth"

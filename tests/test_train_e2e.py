@@ -1,0 +1,129 @@
+"""jobs/train.py end to end on a real local Ray (2 workers at 0.5 CPU) with data and checkpoints
+on the moto S3 server: checkpoints land in S3, a killed driver resumes, a killed worker recovers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mpformer_ray import storage
+from mpformer_ray.config import load_config
+from mpformer_ray.data.synthetic import ensure_synthetic
+from mpformer_ray.train import latest_checkpoint, load_checkpoint
+from mpformer_ray.train.checkpoint import CheckpointStore
+from mpformer_ray.train.loop import fault_marker
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = [
+    "model.dec_layers=2", "model.enc_layers=1", "model.num_queries=8", "model.hidden_dim=32", "model.nheads=2",
+    "model.dim_feedforward=64", "model.enc_dim_feedforward=64", "model.mask_dim=32", "model.train_num_points=256",
+    "data.crop_size=[64,64]", "data.test_short_side=64", "data.test_max_size=64",
+    "train.batch_size=2", "train.workers=2", "train.cpus_per_worker=0.5", "train.log_period=5",
+    "train.checkpoint_period=10", "train.eval_period=0", "train.keep_checkpoints=2",
+]
+
+
+@pytest.fixture(scope="module")
+def s3_data(moto_server, tmp_path_factory) -> dict:
+    """The synthetic dataset (16 train / 4 val images at 64 px) copied into the moto bucket."""
+    root = tmp_path_factory.mktemp("synthetic")
+    cfg = load_config("tiny", [f"data.synthetic.root={root}", "data.synthetic.num_train=16",
+                               "data.synthetic.num_val=4", "data.synthetic.image_size=64"])
+    uris = {}
+    for split, local in zip(("train", "val"), ensure_synthetic(cfg.data.synthetic)):
+        uris[split] = f"s3://{moto_server['bucket']}/data/{split}"
+        for name in storage.listdir(local):
+            storage.write_bytes(storage.join(uris[split], name), storage.read_bytes(storage.join(local, name)))
+    return {**uris, "storage": f"s3://{moto_server['bucket']}/runs"}
+
+
+def train_command(s3_data: dict, run_name: str, *overrides: str) -> list[str]:
+    sets = TINY + [f"data.train={s3_data['train']}", f"data.val={s3_data['val']}",
+                   f"storage.uri={s3_data['storage']}", f"run.name={run_name}", *overrides]
+    return [sys.executable, str(REPO / "jobs" / "train.py")] + [a for s in sets for a in ("--set", s)]
+
+
+def run_job(cmd: list[str], timeout: float) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and everything it started (its local Ray runs in the driver's session)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    for _ in range(2):  # Ray workers have their own process groups but share the session
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == proc.pid:  # field 6 of /proc/PID/stat: session id
+                try:
+                    os.kill(int(stat.parent.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        time.sleep(1)
+
+
+def test_worker_failure_recovers_from_latest_checkpoint(s3_data):
+    run = f"{s3_data['storage']}/fault"
+    out = run_job(train_command(s3_data, "fault", "train.max_iters=30", "train.fail_at_iter=15",
+                                "train.max_failures=2"), timeout=240)
+    assert storage.exists(fault_marker(run, 15)), "the injected fault never fired"
+    ckpt = load_checkpoint(latest_checkpoint(run))
+    # the restarted attempt began at the last checkpoint before the fault: nothing beyond it lost
+    assert ckpt["iteration"] == 30 and ckpt["starts"] == [0, 10]
+    names = [n for n in storage.listdir(CheckpointStore(run).dir) if n.endswith(".pth")]
+    assert names == ["model_0000020.pth", "model_0000030.pth"]
+    # metrics reached the driver through ray.train.report
+    table = out[out.index("final metrics"):]
+    assert "loss" in table and "iteration" in table and run in out
+
+    # the evaluation job on the final checkpoint reproduces the run's final (2-rank) evaluation
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), "--checkpoint", run, "--device", "cpu"],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = json.loads(proc.stdout)
+    final = ckpt["metrics"]
+    keys = ["panoptic/PQ", "segm/AP", "sem_seg/mIoU", "consistency/mean", "num_images"]
+    assert evaluated["num_images"] == 4
+    for key in keys:
+        want, got = final[key], evaluated[key]
+        assert (got is None and math.isnan(want)) or math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-4), key
+
+
+def test_killed_driver_resumes_from_latest_checkpoint(s3_data):
+    run = f"{s3_data['storage']}/resume"
+    store = CheckpointStore(run)
+    cmd = train_command(s3_data, "resume", "train.max_iters=30")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while store.pointer() is None:
+            assert proc.poll() is None, "training ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.5)
+    finally:
+        kill_session(proc)
+    killed_at = store.pointer()["iteration"]
+    assert killed_at < 30
+
+    run_job(cmd, timeout=240)
+    ckpt = load_checkpoint(latest_checkpoint(run))
+    assert ckpt["iteration"] == 30 and ckpt["starts"] == [0, killed_at]

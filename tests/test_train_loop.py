@@ -1,0 +1,230 @@
+"""The plain training loop, optimizer / schedule, checkpoints and pre-flight checks (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpformer_ray import storage
+from mpformer_ray.config import load_config
+from mpformer_ray.data.synthetic import ensure_synthetic
+from mpformer_ray.model import build_model
+from mpformer_ray.train import (
+    CheckpointStore,
+    PreflightError,
+    build_optimizer,
+    build_scheduler,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+    param_groups,
+    poly_warmup_factor,
+    preflight,
+    train_loop,
+)
+from mpformer_ray.train.loop import resolve_amp
+
+torch.set_num_threads(1)
+
+TINY = [
+    "model.dec_layers=1", "model.enc_layers=1", "model.num_queries=8", "model.hidden_dim=32", "model.nheads=2",
+    "model.dim_feedforward=64", "model.enc_dim_feedforward=64", "model.mask_dim=32", "model.train_num_points=256",
+    "data.crop_size=[64,64]", "data.test_short_side=64", "data.test_max_size=64",
+    "data.synthetic.num_train=8", "data.synthetic.num_val=4", "data.synthetic.image_size=64",
+    "train.batch_size=2", "train.workers=1", "train.eval_period=0",
+]
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("synthetic")
+    cfg = load_config("tiny", TINY + [f"data.synthetic.root={root}"])
+    train_uri, val_uri = ensure_synthetic(cfg.data.synthetic)
+    return {"root": str(root), "train": train_uri, "val": val_uri}
+
+
+def tiny_cfg(records: dict, tmp_path: Path, *overrides: str):
+    return load_config("tiny", TINY + [f"data.synthetic.root={records['root']}", f"data.train={records['train']}",
+                                       f"data.val={records['val']}", f"storage.uri={tmp_path / 'runs'}",
+                                       "run.name=unit", *overrides])
+
+
+def run_loop(cfg, records: dict, store: CheckpointStore, reports: list | None = None) -> dict:
+    from mpformer_ray.data.pipeline import local_batches
+
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    classes = json.loads(storage.read_bytes(storage.join(records["train"], "manifest.json")))["classes"]
+    return train_loop(
+        model,
+        lambda epoch: local_batches(records["train"], cfg, cfg.train.batch_size, seed=0, epoch=epoch),
+        cfg, (reports if reports is not None else []).append, store, classes=classes)
+
+
+def test_poly_schedule_with_warmup():
+    assert poly_warmup_factor(0, 100, 0, 0.9) == 1.0
+    assert poly_warmup_factor(50, 100, 0, 0.9) == pytest.approx(0.5 ** 0.9)
+    assert poly_warmup_factor(100, 100, 0, 0.9) == 0.0
+    # linear warmup from 0.001 to 1 over 10 iterations, times the poly decay
+    assert poly_warmup_factor(0, 100, 10, 0.9) == pytest.approx(0.001)
+    assert poly_warmup_factor(5, 100, 10, 0.9) == pytest.approx((0.001 * 0.5 + 0.5) * 0.95 ** 0.9)
+    assert poly_warmup_factor(10, 100, 10, 0.9) == pytest.approx(0.9 ** 0.9)
+
+    cfg = load_config("tiny", ["train.max_iters=20", "train.warmup_iters=4", "train.lr=0.001"]).train
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = build_scheduler(opt, cfg)
+    seen = []
+    for _ in range(20):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[0] == pytest.approx(1e-6) and seen[4] == pytest.approx(1e-3 * 0.8 ** 0.9)
+    assert all(a > b for a, b in zip(seen[4:], seen[5:])) and opt.param_groups[0]["lr"] == 0.0
+
+
+def test_param_groups_backbone_lr_multiplier(records, tmp_path):
+    cfg = tiny_cfg(records, tmp_path, "train.lr=0.001", "train.backbone_lr_mult=0.1", "train.weight_decay=0.05")
+    model = build_model(cfg)
+    groups = {g["name"]: g for g in param_groups(model, cfg.train)}
+    backbone = {id(p) for p in model.backbone.parameters() if p.requires_grad}
+    assert backbone, "the tiny model's backbone must have trainable parameters"
+    for g in groups.values():
+        in_backbone = {id(p) in backbone for p in g["params"]}
+        assert len(in_backbone) == 1
+        assert g["lr"] == pytest.approx(1e-4 if in_backbone.pop() else 1e-3)
+    assert groups["head"]["weight_decay"] == 0.05 and groups["head_no_decay"]["weight_decay"] == 0.0
+    grouped = [id(p) for g in groups.values() for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    assert len(build_optimizer(model, cfg.train).param_groups) == len(groups)
+
+
+def test_amp_resolution_on_cpu():
+    cpu = torch.device("cpu")
+    assert resolve_amp("auto", cpu) is None and resolve_amp("off", cpu) is None
+    assert resolve_amp("bf16", cpu) is torch.bfloat16
+
+
+def test_loop_trains_checkpoints_and_resumes(records, tmp_path):
+    cfg = tiny_cfg(records, tmp_path, "train.max_iters=4", "train.checkpoint_period=2", "train.log_period=2",
+                   "train.keep_checkpoints=5")
+    store = CheckpointStore(str(tmp_path / "runs" / "unit"), keep=cfg.train.keep_checkpoints)
+    reports: list[dict] = []
+    last = run_loop(cfg, records, store, reports)
+    assert [r["iteration"] for r in reports] == [2, 4]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in reports)
+    assert {"loss_ce", "loss_mask", "loss_dice", "loss_pilot", "lr", "images_per_s", "data_wait", "eta_s"} <= set(last)
+
+    uri = latest_checkpoint(store.run_uri)
+    assert uri.endswith("model_0000004.pth")
+    ckpt = torch.load(uri, weights_only=True)  # plain torch.load, as a user would
+    assert ckpt["iteration"] == 4 and ckpt["starts"] == [0]
+    assert ckpt["config"]["train"]["max_iters"] == 4 and ckpt["classes"][0]["name"]
+    assert ckpt["data"]["epoch"] * 4 + ckpt["data"]["batches"] == 4  # 8 images / batch 2 = 4 batches per epoch
+    steps = {s["step"].item() for s in ckpt["optimizer"]["state"].values()}
+    assert steps == {4.0}
+
+    # a fresh process (new model, new optimizer) continues at the saved iteration with the saved state
+    cfg6 = tiny_cfg(records, tmp_path, "train.max_iters=6", "train.checkpoint_period=2", "train.log_period=2",
+                    "train.keep_checkpoints=5")
+    reports = []
+    run_loop(cfg6, records, store, reports)
+    assert [r["iteration"] for r in reports] == [6]
+    resumed = load_checkpoint(latest_checkpoint(store.run_uri))
+    assert resumed["iteration"] == 6 and resumed["starts"] == [0, 4]
+    assert {s["step"].item() for s in resumed["optimizer"]["state"].values()} == {6.0}
+    assert resumed["scheduler"]["last_epoch"] == 6
+
+    model, loaded_cfg, classes = load_model(store.run_uri)
+    assert not model.training and loaded_cfg.train.max_iters == 6 and classes == ckpt["classes"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, resumed["model"][k]), k
+
+
+def _state(iteration: int) -> dict:
+    return {"iteration": iteration, "model": {"w": torch.full((2,), float(iteration))},
+            "best": {"metric": "panoptic/PQ", "value": float(iteration), "iteration": iteration}}
+
+
+def test_retention_keeps_last_k_plus_best(tmp_path):
+    store = CheckpointStore(str(tmp_path / "run"), keep=2)
+    for it, best in [(10, False), (20, True), (30, False), (40, False), (50, False)]:
+        store.save(_state(it), is_best=best)
+    names = [n for n in storage.listdir(store.dir) if n.endswith(".pth")]
+    assert names == ["model_0000020.pth", "model_0000040.pth", "model_0000050.pth"]
+    pointer = store.pointer()
+    assert pointer["latest"] == "model_0000050.pth" and pointer["best"]["checkpoint"] == "model_0000020.pth"
+    store.save(_state(60), is_best=True)
+    names = [n for n in storage.listdir(store.dir) if n.endswith(".pth")]
+    assert names == ["model_0000050.pth", "model_0000060.pth"]
+
+
+def test_failed_write_leaves_previous_latest(tmp_path):
+    store = CheckpointStore(str(tmp_path / "run"), keep=2, attempts=2, retry_wait_s=0.01)
+    store.save(_state(2))
+    # a directory squatting on the next checkpoint's name makes the real rename fail
+    (Path(store.dir) / "model_0000004.pth").mkdir()
+    with pytest.raises(storage.StorageError, match=r"model_0000004\.pth.*after 2 attempts"):
+        store.save(_state(4))
+    assert latest_checkpoint(store.run_uri).endswith("model_0000002.pth")
+    assert load_checkpoint(latest_checkpoint(store.run_uri))["iteration"] == 2
+
+
+def test_s3_outage_during_checkpoint_upload_fails_loudly(tmp_path, monkeypatch):
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.setenv(key, "testing")
+        monkeypatch.setenv("AWS_REGION", "us-east-1")
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                assert time.time() < deadline, "moto server did not start"
+                time.sleep(0.2)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="ckpt")
+        store = CheckpointStore("s3://ckpt/runs/outage", endpoint, keep=2, attempts=2, retry_wait_s=0.01)
+        store.save(_state(2))
+        assert store.latest() == "s3://ckpt/runs/outage/checkpoints/model_0000002.pth"
+        proc.terminate()
+        proc.wait(timeout=10)
+        with pytest.raises(storage.StorageError, match=r"s3://ckpt/runs/outage/checkpoints/model_0000004\.pth"):
+            store.save(_state(4))
+    finally:
+        proc.kill()
+
+
+def test_preflight_fills_thing_classes_and_names_bad_fields(records, tmp_path):
+    plan = preflight(tiny_cfg(records, tmp_path, "model.thing_classes=null"))
+    things = [c["id"] for c in plan.classes if c["isthing"]]
+    assert plan.cfg.model.thing_classes == things and things
+    assert plan.run_uri == str(tmp_path / "runs" / "unit") and plan.tasks == ["panoptic", "instance", "semantic"]
+
+    with pytest.raises(PreflightError, match=r"model\.num_classes=7.*num_classes=6"):
+        preflight(tiny_cfg(records, tmp_path, "model.num_classes=7"))
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(PreflightError, match=rf"data\.train='{missing}'.*prepare_data"):
+        preflight(tiny_cfg(records, tmp_path, f"data.train={missing}"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PreflightError, match=rf"storage\.uri='{blocker}'.*writable"):
+        preflight(tiny_cfg(records, tmp_path, f"storage.uri={blocker}"))
+    with pytest.raises(PreflightError, match=r"train\.checkpoint_period must be >= 1"):
+        preflight(tiny_cfg(records, tmp_path, "train.checkpoint_period=0"))
