@@ -27,6 +27,8 @@ bench: install
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/data_pipeline.py
+	$(BIN)/python benchmarks/train_job.py
+	$(BIN)/python benchmarks/train_job.py --workers 1 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

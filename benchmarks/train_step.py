@@ -1,6 +1,7 @@
 """Training-step time and peak memory of MP-Former (r50 preset) against Hugging Face's Mask2Former.
 
-Configurations, each measured in a fresh subprocess so memory peaks are separable:
+Configurations (peak memory: each alone in a fresh subprocess; times: all in one process, round-robin,
+so that machine drift hits each configuration alike):
   ours-pilot-off   r50 preset with model.pilot.enabled=false (plain Mask2Former)
   ours-pilot-g1    r50 preset, pilot on, G=1 (the authors' default)
   ours-pilot-g3    r50 preset, pilot on, G=3
@@ -10,11 +11,13 @@ Configurations, each measured in a fresh subprocess so memory peaks are separabl
 
 A training step is forward + backward + gradient clipping + AdamW step on the same random batch (a few
 random masks per image). Eval-mode inference (``model(images)`` including post-processing) is timed for the
-pilot-off and pilot-on models: the pilot must cost nothing at inference.
+pilot-off and pilot-on models, alternating, with identical weights: the pilot must cost nothing at inference,
+and the script checks that both produce identical outputs.
 
     python benchmarks/train_step.py                      # GPU if present, else a small CPU run
     python benchmarks/train_step.py --device cuda --size 512 --batch 2 --iters 20 --json out.json
-    python benchmarks/train_step.py --no-peer --profile ours-pilot-g1
+    python benchmarks/train_step.py --device cpu --size 512 --iters 3 --json out.json   # the README's CPU run
+    python benchmarks/train_step.py --profile ours-pilot-g1    # only a torch.profiler table of one step
 """
 
 from __future__ import annotations
@@ -85,115 +88,145 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
+def _timed_call(fn, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
 
 
-def run_worker(args: argparse.Namespace) -> dict:
-    """Measure one configuration in this process; returns its figures."""
-    from mpformer_ray.config import load_config
+class Subject:
+    """One configuration's model, optimizer and batch; ``step()`` is a training step, ``infer()`` eval-mode
+    inference with post-processing (returns its outputs)."""
 
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
-    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    name = args.worker
-    cfg = load_config("r50", OURS.get(name, []))
+    def __init__(self, name: str, args: argparse.Namespace, device: torch.device):
+        from mpformer_ray.config import load_config
+
+        self.name, self.device = name, device
+        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+        self.cfg = cfg = load_config("r50", OURS.get(name, []))
+        torch.manual_seed(0)  # pilot-off and pilot-on models get identical weights (the pilot is built last)
+        if name == PEER:
+            self.model = build_peer(cfg.model.num_classes, cfg.model).to(device)
+        else:
+            from mpformer_ray.model import build_model
+
+            self.model = build_model(cfg).to(device)
+        self.images, self.targets = random_batch(args.batch, args.size, cfg.model.num_classes, device)
+        self.peer_kwargs = {"mask_labels": [t["masks"].float() for t in self.targets],
+                            "class_labels": [t["labels"] for t in self.targets]} if name == PEER else {}
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
+                                           weight_decay=cfg.train.weight_decay)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.params = sum(p.numel() for p in self.model.parameters())
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def step(self) -> None:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            if self.name == PEER:
+                loss = self.model(pixel_values=self.images, **self.peer_kwargs).loss
+            else:
+                loss = sum(self.model(self.images, self.targets).values())
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def infer(self):
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            return self.model(self.images)
+
+
+def _same(a, b) -> bool:
+    """Deep equality of nested outputs (dicts / lists / tensors / numbers)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def memory_worker(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """Peak memory of ``warmup + 1`` training steps of one configuration, alone in this process."""
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    torch.manual_seed(0)
-    if name == PEER:
-        model = build_peer(cfg.model.num_classes, cfg.model).to(device)
-    else:
-        from mpformer_ray.model import build_model
-
-        model = build_model(cfg).to(device)
-    images, targets = random_batch(args.batch, args.size, cfg.model.num_classes, device)
-    if name == PEER:
-        peer_kwargs = {"mask_labels": [t["masks"].float() for t in targets],
-                       "class_labels": [t["labels"] for t in targets]}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    def loss_fn() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            if name == PEER:
-                return model(pixel_values=images, **peer_kwargs).loss
-            return sum(model(images, targets).values())
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-
-    model.train()
-    if args.profile == name:
-        profile(step, device)
-    times = _timed(step, device, args.warmup, args.iters)
-    result = {
-        "config": name,
-        "params": sum(p.numel() for p in model.parameters()),
-        "step_s_median": statistics.median(times),
-        "step_s_mean": statistics.fmean(times),
-        "step_s_all": times,
-    }
+    subject = Subject(name, args, device)
+    for _ in range(args.warmup + 1):
+        subject.step()
+    _sync(device)
+    result = {"config": name, "params": subject.params}
     if device.type == "cuda":
         result["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         result["peak_rss_delta_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-    if name in INFERENCE:
-        model.eval()
-        optimizer.zero_grad(set_to_none=True)
-
-        def infer() -> None:
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                                 enabled=amp_dtype is not None):
-                model(images)
-
-        inf = _timed(infer, device, args.warmup, args.iters)
-        result.update(infer_s_median=statistics.median(inf), infer_s_all=inf)
     return result
 
 
-def profile(step, device: torch.device) -> None:
-    """Print where one training step's time goes (top ops and our modules' record_function ranges)."""
+def timing_worker(names: list[str], args: argparse.Namespace, device: torch.device) -> dict:
+    """Step times of all configurations in one process, round-robin, so that machine drift (clock
+    boost, neighbours on a shared host) hits every configuration alike; then eval-mode inference of
+    pilot-off vs pilot-on G=1, alternating, on the freshly built models (identical inference weights)."""
+    subjects = {name: Subject(name, args, device) for name in names}
+    results: dict[str, dict] = {name: {} for name in names}
+    pair = [subjects[n] for n in INFERENCE if n in subjects]
+    if len(pair) == 2:
+        outputs = [s.infer() for s in pair]
+        results["inference_outputs_identical"] = _same(*outputs)
+        times: dict[str, list[float]] = {s.name: [] for s in pair}
+        for i in range(args.warmup + args.iters):
+            for s in pair if i % 2 else pair[::-1]:
+                t = _timed_call(s.infer, device)
+                if i >= args.warmup:
+                    times[s.name].append(t)
+        for name, ts in times.items():
+            results[name].update(infer_s_median=statistics.median(ts), infer_s_all=ts)
+    steps: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(args.warmup + args.iters):
+        for name in (names if i % 2 else names[::-1]):
+            t = _timed_call(subjects[name].step, device)
+            if i >= args.warmup:
+                steps[name].append(t)
+    for name, ts in steps.items():
+        results[name].update(step_s_median=statistics.median(ts), step_s_mean=statistics.fmean(ts), step_s_all=ts)
+    return results
+
+
+def profile(name: str, args: argparse.Namespace, device: torch.device) -> None:
+    """Print where one configuration's training step time goes (top ops by self time)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    subject = Subject(name, args, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    step()
-    with torch_profile(activities=activities, record_shapes=False, with_stack=False) as prof:
+    subject.step()
+    with torch_profile(activities=activities, record_shapes=True) as prof:
         for _ in range(2):
-            step()
+            subject.step()
             _sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=30), file=sys.stderr, flush=True)
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=30, max_shapes_column_width=80),
+          flush=True)
 
 
-def _run_subprocess(name: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--device", args.device, "--size", str(args.size),
+def _run_subprocess(worker: str, args: argparse.Namespace, names: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--worker", worker, "--device", args.device, "--size", str(args.size),
            "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
-           "--amp", args.amp]
-    if args.profile:
-        cmd += ["--profile", args.profile]
+           "--amp", args.amp, "--configs", *names]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
-        return {"config": name, "error": f"worker exited with {proc.returncode} (see stderr above)"}
+        raise SystemExit(f"benchmark worker {worker} exited with {proc.returncode} (its stderr is above)")
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -233,9 +266,6 @@ def print_table(results: dict[str, dict], summary: dict, args: argparse.Namespac
           f"iters={args.iters} warmup={args.warmup}")
     print(f"{'config':<18}{'params':>12}{'step ms (median)':>18}{mem_label:>22}{'infer ms':>12}")
     for name, r in results.items():
-        if "error" in r:
-            print(f"{name:<18}  {r['error']}")
-            continue
         infer = f"{1000 * r['infer_s_median']:.1f}" if "infer_s_median" in r else "-"
         print(f"{name:<18}{r['params']:>12,}{1000 * r['step_s_median']:>18.1f}{r.get(mem_key, 0):>22.0f}{infer:>12}")
     print()
@@ -243,6 +273,8 @@ def print_table(results: dict[str, dict], summary: dict, args: argparse.Namespac
         if summary.get(key) is not None:
             signed = "overhead" in key or "change" in key  # relative changes print with their sign
             print(f"{key:<24}{summary[key]:+.3f}" if signed else f"{key:<24}{summary[key]:.3f}")
+    if summary.get("inference_outputs_identical") is not None:
+        print(f"inference outputs of pilot-off and pilot-on G=1 identical: {summary['inference_outputs_identical']}")
     for goal, met in summary["goals_met"].items():
         print(f"goal {goal:<28}{'n/a' if met is None else ('met' if met else 'MISSED')}")
 
@@ -259,7 +291,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="autocast dtype for both models (default bf16 on GPU, off on CPU)")
     p.add_argument("--no-peer", action="store_true", help="skip the Hugging Face model")
     p.add_argument("--profile", default=None, choices=[*OURS, PEER],
-                   help="print a torch.profiler table of this configuration's training step")
+                   help="only print a torch.profiler table of this configuration's training step")
+    p.add_argument("--configs", nargs="+", default=None, choices=[*OURS, PEER],
+                   help="configurations to measure (default: all)")
     p.add_argument("--json", default=None, help="write all figures to this JSON file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -270,15 +304,30 @@ def main(argv: list[str] | None = None) -> None:
     args.amp = args.amp or ("bf16" if on_gpu else "off")
     if args.size % 32:
         p.error(f"--size must be divisible by 32, got {args.size}")
-    if args.worker:
-        print("RESULT " + json.dumps(run_worker(args)), flush=True)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    names = args.configs or [*OURS] + ([] if args.no_peer else [PEER])
+    if args.worker == "timing":
+        print("RESULT " + json.dumps(timing_worker(names, args, device)), flush=True)
         return
-    names = [*OURS] + ([] if args.no_peer else [PEER])
-    results = {}
+    if args.worker:
+        print("RESULT " + json.dumps(memory_worker(args.worker, args, device)), flush=True)
+        return
+    if args.profile:
+        profile(args.profile, args, device)
+        return
+    results: dict[str, dict] = {}
     for name in names:
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        results[name] = _run_subprocess(name, args)
+        print(f"peak memory: {name} ...", file=sys.stderr, flush=True)
+        results[name] = _run_subprocess(name, args, [name])
+    print(f"step and inference times: {', '.join(names)} round-robin in one process ...", file=sys.stderr, flush=True)
+    timing = _run_subprocess("timing", args, names)
+    identical = timing.pop("inference_outputs_identical", None)
+    for name in names:
+        results[name].update(timing[name])
     summary = summarize(results)
+    summary["inference_outputs_identical"] = identical
     print_table(results, summary, args)
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "worker"}
