@@ -133,6 +133,30 @@ def test_matcher_recovers_a_perfect_assignment():
     assert empty_q.numel() == 0 and empty_t.numel() == 0 and empty_q.dtype == torch.int64
 
 
+def test_supervised_masks_match_the_full_masks_values_and_gradients():
+    """The criterion's masks_for (only the supervised queries of several predictions, with gradient) equals
+    indexing each prediction's full [B, T, H, W] mask logits, in value and in the gradients it sends to
+    the embeddings and the mask features."""
+    from mpformer_ray.model.criterion import masks_for
+
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(3, 5, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    embeds = [torch.randn(3, t, 5, generator=g, dtype=torch.float64, requires_grad=True) for t in (7, 2)]
+    selections = [(embeds[0], torch.tensor([2, 0, 2, 0, 1]), torch.tensor([6, 1, 0, 1, 3])),  # unsorted, repeats
+                  (embeds[1], torch.tensor([1, 1]), torch.tensor([1, 0])),  # images 0 and 2 select nothing
+                  (embeds[0], torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))]
+    weights = [torch.randn(len(b), 4, 6, generator=g, dtype=torch.float64) for _, b, _ in selections]
+    inputs = (features, *embeds)
+
+    full = [torch.einsum("btd,bdhw->bthw", e, features)[b, q] for e, b, q in selections]
+    want = torch.autograd.grad(sum((m * w).sum() for m, w in zip(full, weights)), inputs)
+    ours = masks_for(features, selections)
+    got = torch.autograd.grad(sum((m * w).sum() for m, w in zip(ours, weights)), inputs)
+    assert [m.shape for m in ours] == [(5, 4, 6), (2, 4, 6), (0, 4, 6)]
+    for a, b in zip(ours + list(got), full + list(want)):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("counts", [[2, 0, 5], [0, 0]])
 def test_losses_with_images_without_segments(counts):
     model = tiny("model.pilot.groups=3")

@@ -127,23 +127,32 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         self.mask_embed = MLP(d, d, cfg.mask_dim, 3)
 
     def prediction_heads(self, output: Tensor, mask_features: Tensor, attn_size: tuple[int, int]
-                         ) -> tuple[Tensor, Tensor, Tensor]:
-        """output [B, T, C], mask_features [B, D, H, W] -> class logits [B, T, K+1], mask logits [B, T, H, W],
-        and the next layer's attention mask bool [B, T, h * w] at ``attn_size`` (True = blocked)."""
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """output [B, T, C], mask_features [B, D, H, W] -> class logits [B, T, K+1], mask logits [B, T, H, W]
+        (no gradient), mask embeddings [B, T, D] and the next layer's attention mask bool [B, T, h * w] at
+        ``attn_size`` (True = blocked).
+
+        The full mask logits only feed matching, attention masks and inference; the losses supervise a
+        few matched / pilot queries, whose masks the criterion recomputes from the embeddings with
+        gradient (``masks_for``). Backpropagating through every query's full-resolution mask instead costs
+        a [B, T, H, W] gradient per decoder layer that is zero outside the matched queries.
+        """
         decoded = self.decoder_norm(output)
         logits = self.class_embed(decoded)
-        masks = torch.einsum("btc,bchw->bthw", self.mask_embed(decoded), mask_features)
-        resized = F.interpolate(masks.detach(), size=attn_size, mode="bilinear", align_corners=False)
-        attn_mask = resized.sigmoid().flatten(2) < 0.5
-        return logits, masks, attn_mask
+        embed = self.mask_embed(decoded)
+        with torch.no_grad():
+            masks = torch.einsum("btc,bchw->bthw", embed, mask_features)
+            resized = F.interpolate(masks, size=attn_size, mode="bilinear", align_corners=False)
+            attn_mask = resized.sigmoid().flatten(2) < 0.5
+        return logits, masks, embed, attn_mask
 
     def forward(self, features: list[Tensor], mask_features: Tensor, pilot: PilotBatch | None = None
                 ) -> dict[str, object]:
         """features: 3 maps [B, C_in, h_l, w_l] at strides 32, 16, 8; mask_features: [B, mask_dim, H/4, W/4].
 
-        Returns {"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H/4, W/4], "aux_outputs": the query-init
-        prediction and every layer's but the last (same keys)}; with ``pilot``, also "pilot": the same
-        structure for the P pilot slots.
+        Returns {"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H/4, W/4] (no gradient), "mask_embed":
+        [B, Q, mask_dim], "aux_outputs": the query-init prediction and every layer's but the last (same keys),
+        "mask_features": the input}; with ``pilot``, also "pilot": the same structure for the P pilot slots.
         """
         if len(features) != NUM_LEVELS:
             raise ValueError(f"transformer decoder expects {NUM_LEVELS} feature levels, got {len(features)}")
@@ -163,8 +172,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             self_mask = pilot.self_attn_mask.repeat_interleave(self.num_heads, dim=0)
 
         predictions = []
-        logits, masks, attn_mask = self.prediction_heads(output, mask_features, sizes[0])
-        predictions.append((logits, masks))
+        logits, masks, embed, attn_mask = self.prediction_heads(output, mask_features, sizes[0])
+        predictions.append((logits, masks, embed))
         for i in range(self.num_layers):
             lvl = i % NUM_LEVELS
             if pilot is not None:
@@ -177,15 +186,18 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 output, srcs[lvl], attn_mask.repeat_interleave(self.num_heads, dim=0), pos[lvl], query_pos)
             output = self.self_attention_layers[i](output, self_mask, query_pos)
             output = self.ffn_layers[i](output)
-            logits, masks, attn_mask = self.prediction_heads(output, mask_features, sizes[(i + 1) % NUM_LEVELS])
-            predictions.append((logits, masks))
+            logits, masks, embed, attn_mask = self.prediction_heads(output, mask_features,
+                                                                    sizes[(i + 1) % NUM_LEVELS])
+            predictions.append((logits, masks, embed))
 
         out = self._pack(predictions, slice(0, self.num_queries))
+        out["mask_features"] = mask_features
         if pilot is not None:
             out["pilot"] = self._pack(predictions, slice(self.num_queries, None))
         return out
 
     @staticmethod
-    def _pack(predictions: list[tuple[Tensor, Tensor]], queries: slice) -> dict[str, object]:
-        entries = [{"pred_logits": lg[:, queries], "pred_masks": mk[:, queries]} for lg, mk in predictions]
+    def _pack(predictions: list[tuple[Tensor, Tensor, Tensor]], queries: slice) -> dict[str, object]:
+        entries = [{"pred_logits": lg[:, queries], "pred_masks": mk[:, queries], "mask_embed": em[:, queries]}
+                   for lg, mk, em in predictions]
         return {**entries[-1], "aux_outputs": entries[:-1]}
