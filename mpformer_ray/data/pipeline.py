@@ -38,6 +38,10 @@ from mpformer_ray.data.transforms import augment, augment_rng, eval_transform, n
 
 _MAP_BATCH_ROWS = 8  # images per decode/augment task call: small, so work spreads over tasks
 _SHUFFLE_BUFFER_BATCHES = 8
+# Output block size of the read + decode tasks. Ray's default (128 MiB) holds back a task's output
+# until ~40 augmented 1024^2 images are done, delaying the first batches; a separate repartition
+# step instead cost 40% of the steady rate (benchmarks/data_pipeline.py, 512^2 crops on 2 cores).
+_BLOCK_BYTES = 16 * 2**20
 _RECORD_COLUMNS = ["image_id", "file_name", "height", "width", "image", "segments", "sem_seg"]
 
 Batch = tuple[torch.Tensor, list[dict[str, torch.Tensor]]]
@@ -124,9 +128,7 @@ def build_dataset(uri: str, cfg: Config, *, train: bool = True, endpoint_url: st
     fs, paths, _ = _shard_paths(uri, endpoint_url)
     shuffle = ray.data.FileShuffleConfig(seed=cfg.train.seed) if train else None
     ds = ray.data.read_parquet(paths, filesystem=fs, shuffle=shuffle, num_cpus=cfg.data.cpus_per_task)
-    # a read task yields whole files (or several small ones) as one block; split it so the
-    # decode work spreads over many tasks and the first batches stream out early
-    ds = ds.repartition(target_num_rows_per_block=_MAP_BATCH_ROWS)
+    ds.context.target_max_block_size = _BLOCK_BYTES
     return ds.map_batches(
         _decode_augment,
         fn_kwargs={"data_cfg": cfg.data, "train": train, "seed": cfg.train.seed},
