@@ -12,7 +12,10 @@ so that machine drift hits each configuration alike):
 A training step is forward + backward + gradient clipping + AdamW step on the same random batch (a few
 random masks per image). Eval-mode inference (``model(images)`` including post-processing) is timed for the
 pilot-off and pilot-on models, alternating, with identical weights: the pilot must cost nothing at inference,
-and the script checks that both produce identical outputs.
+and the script checks that both produce identical outputs. Because whole-step times of one configuration
+vary by several percent on a shared machine, the pilot's cost is also measured where it arises: the
+transformer decoder, the criterion and their backward, from fixed pixel-decoder features, pilot off and
+G=1 alternating.
 
     python benchmarks/train_step.py                      # GPU if present, else a small CPU run
     python benchmarks/train_step.py --device cuda --size 512 --batch 2 --iters 20 --json out.json
@@ -202,6 +205,51 @@ def timing_worker(names: list[str], args: argparse.Namespace, device: torch.devi
     return results
 
 
+def pilot_breakdown(args: argparse.Namespace, device: torch.device) -> dict:
+    """What pilot training adds to the parts it touches, measured apart from the backbone and pixel decoder
+    (identical with and without pilot, and most of a step): transformer decoder forward, criterion, and
+    their backward, from fixed pixel-decoder features, pilot off and G=1 alternating. Seconds, medians."""
+    subject = Subject("ours-pilot-g1", args, device)
+    model, cfg = subject.model, subject.cfg
+    model.train()
+    with torch.no_grad(), subject._autocast():
+        mask_features, multi_scale = model.pixel_decoder(model.backbone(subject.images))
+
+    def run(pilot_on: bool) -> tuple[float, float, float]:
+        features = mask_features.clone().requires_grad_()
+        scales = [x.clone().requires_grad_() for x in multi_scale]
+        _sync(device)
+        t0 = time.perf_counter()
+        with subject._autocast():
+            pilot = model.pilot(subject.targets, cfg.model.num_queries, subject.images.shape[-2:]) if pilot_on else None
+            out = model.predictor(scales, features, pilot)
+            if pilot is not None:
+                out["pilot"].update(pilot.layout())
+            _sync(device)
+            t1 = time.perf_counter()
+            loss = sum(model.criterion(out, subject.targets).values())
+        _sync(device)
+        t2 = time.perf_counter()
+        loss.backward()
+        _sync(device)
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+    times: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
+    for i in range(args.warmup + args.iters):
+        for on in (False, True) if i % 2 else (True, False):
+            r = run(on)
+            if i >= args.warmup:
+                times[on].append(r)
+    out = {}
+    for on, rs in times.items():
+        key = "pilot_g1" if on else "pilot_off"
+        for k, part in enumerate(("decoder_s", "criterion_s", "backward_s")):
+            out[f"{key}_{part}"] = statistics.median(r[k] for r in rs)
+        out[f"{key}_total_s"] = statistics.median(sum(r) for r in rs)
+    out["added_s"] = out["pilot_g1_total_s"] - out["pilot_off_total_s"]
+    return out
+
+
 def profile(name: str, args: argparse.Namespace, device: torch.device) -> None:
     """Print where one configuration's training step time goes (top ops by self time)."""
     from torch.profiler import ProfilerActivity
@@ -273,6 +321,11 @@ def print_table(results: dict[str, dict], summary: dict, args: argparse.Namespac
         if summary.get(key) is not None:
             signed = "overhead" in key or "change" in key  # relative changes print with their sign
             print(f"{key:<24}{summary[key]:+.3f}" if signed else f"{key:<24}{summary[key]:.3f}")
+    if "pilot_breakdown" in summary:
+        b = summary["pilot_breakdown"]
+        print(f"pilot G=1 adds {1000 * b['added_s']:.0f} ms to decoder + criterion + backward "
+              f"({1000 * b['pilot_off_total_s']:.0f} -> {1000 * b['pilot_g1_total_s']:.0f} ms from fixed pixel-decoder "
+              f"features) = {summary['pilot_g1_added_share_of_step']:+.3f} of a pilot-off step")
     if summary.get("inference_outputs_identical") is not None:
         print(f"inference outputs of pilot-off and pilot-on G=1 identical: {summary['inference_outputs_identical']}")
     for goal, met in summary["goals_met"].items():
@@ -311,6 +364,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker == "timing":
         print("RESULT " + json.dumps(timing_worker(names, args, device)), flush=True)
         return
+    if args.worker == "pilot-breakdown":
+        print("RESULT " + json.dumps(pilot_breakdown(args, device)), flush=True)
+        return
     if args.worker:
         print("RESULT " + json.dumps(memory_worker(args.worker, args, device)), flush=True)
         return
@@ -328,6 +384,11 @@ def main(argv: list[str] | None = None) -> None:
         results[name].update(timing[name])
     summary = summarize(results)
     summary["inference_outputs_identical"] = identical
+    if "ours-pilot-g1" in names and "ours-pilot-off" in names:
+        print("pilot G=1 vs off in the decoder, criterion and their backward only ...", file=sys.stderr, flush=True)
+        breakdown = _run_subprocess("pilot-breakdown", args, ["ours-pilot-g1"])
+        summary["pilot_breakdown"] = breakdown
+        summary["pilot_g1_added_share_of_step"] = breakdown["added_s"] / results["ours-pilot-off"]["step_s_median"]
     print_table(results, summary, args)
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "worker"}
