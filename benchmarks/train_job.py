@@ -19,6 +19,7 @@ the windows where Ray Data restarts its streaming split at an epoch boundary.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -115,10 +116,10 @@ def run_job(overrides: list[str], period: float, log_path: Path) -> dict:
                                 start_new_session=True, cwd=ROOT)
         sampler = MemorySampler(proc.pid, period)
         sampler.start()
-        windows, tail = [], []
+        windows, tail = [], collections.deque(maxlen=40)
         for line in proc.stdout:
             log.write(line)
-            tail = (tail + [line])[-40:]
+            tail.append(line)
             m = PROGRESS.search(line)
             if m:
                 windows.append({"iter": int(m[1]), "images_per_s": float(m[3]), "data_wait": int(m[4]) / 100})

@@ -19,13 +19,14 @@ G=1 alternating.
 
     python benchmarks/train_step.py                      # GPU if present, else a small CPU run
     python benchmarks/train_step.py --device cuda --size 512 --batch 2 --iters 20 --json out.json
-    python benchmarks/train_step.py --device cpu --size 512 --iters 3 --json out.json   # the README's CPU run
+    python benchmarks/train_step.py --device cpu --size 512 --iters 10 --warmup 4 --json out.json   # README's CPU run
     python benchmarks/train_step.py --profile ours-pilot-g1    # only a torch.profiler table of one step
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -99,6 +100,20 @@ def _timed_call(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def _alternate(measures: dict, warmup: int, iters: int) -> dict[object, list]:
+    """Call every measure (key -> no-argument function returning a figure) once per round, the order
+    reversed every other round so that neither goes first throughout; the figures of the ``iters``
+    rounds after ``warmup`` per key."""
+    keys = list(measures)
+    figures: dict[object, list] = {k: [] for k in keys}
+    for i in range(warmup + iters):
+        for k in keys if i % 2 else keys[::-1]:
+            figure = measures[k]()
+            if i >= warmup:
+                figures[k].append(figure)
+    return figures
+
+
 class Subject:
     """One configuration's model, optimizer and batch; ``step()`` is a training step, ``infer()`` eval-mode
     inference with post-processing (returns its outputs)."""
@@ -124,14 +139,14 @@ class Subject:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.params = sum(p.numel() for p in self.model.parameters())
 
-    def _autocast(self):
+    def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None)
 
     def step(self) -> None:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
+        with self.autocast():
             if self.name == PEER:
                 loss = self.model(pixel_values=self.images, **self.peer_kwargs).loss
             else:
@@ -144,7 +159,7 @@ class Subject:
 
     def infer(self):
         self.model.eval()
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self.autocast():
             return self.model(self.images)
 
 
@@ -186,20 +201,12 @@ def timing_worker(names: list[str], args: argparse.Namespace, device: torch.devi
     if len(pair) == 2:
         outputs = [s.infer() for s in pair]
         results["inference_outputs_identical"] = _same(*outputs)
-        times: dict[str, list[float]] = {s.name: [] for s in pair}
-        for i in range(args.warmup + args.iters):
-            for s in pair if i % 2 else pair[::-1]:
-                t = _timed_call(s.infer, device)
-                if i >= args.warmup:
-                    times[s.name].append(t)
+        times = _alternate({s.name: functools.partial(_timed_call, s.infer, device) for s in pair},
+                           args.warmup, args.iters)
         for name, ts in times.items():
             results[name].update(infer_s_median=statistics.median(ts), infer_s_all=ts)
-    steps: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(args.warmup + args.iters):
-        for name in (names if i % 2 else names[::-1]):
-            t = _timed_call(subjects[name].step, device)
-            if i >= args.warmup:
-                steps[name].append(t)
+    steps = _alternate({name: functools.partial(_timed_call, subjects[name].step, device) for name in names},
+                       args.warmup, args.iters)
     for name, ts in steps.items():
         results[name].update(step_s_median=statistics.median(ts), step_s_mean=statistics.fmean(ts), step_s_all=ts)
     return results
@@ -212,7 +219,7 @@ def pilot_breakdown(args: argparse.Namespace, device: torch.device) -> dict:
     subject = Subject("ours-pilot-g1", args, device)
     model, cfg = subject.model, subject.cfg
     model.train()
-    with torch.no_grad(), subject._autocast():
+    with torch.no_grad(), subject.autocast():
         mask_features, multi_scale = model.pixel_decoder(model.backbone(subject.images))
 
     def run(pilot_on: bool) -> tuple[float, float, float]:
@@ -220,7 +227,7 @@ def pilot_breakdown(args: argparse.Namespace, device: torch.device) -> dict:
         scales = [x.clone().requires_grad_() for x in multi_scale]
         _sync(device)
         t0 = time.perf_counter()
-        with subject._autocast():
+        with subject.autocast():
             pilot = model.pilot(subject.targets, cfg.model.num_queries, subject.images.shape[-2:]) if pilot_on else None
             out = model.predictor(scales, features, pilot)
             if pilot is not None:
@@ -234,12 +241,8 @@ def pilot_breakdown(args: argparse.Namespace, device: torch.device) -> dict:
         _sync(device)
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
-    times: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
-    for i in range(args.warmup + args.iters):
-        for on in (False, True) if i % 2 else (True, False):
-            r = run(on)
-            if i >= args.warmup:
-                times[on].append(r)
+    times = _alternate({False: functools.partial(run, False), True: functools.partial(run, True)},
+                       args.warmup, args.iters)
     out = {}
     for on, rs in times.items():
         key = "pilot_g1" if on else "pilot_off"

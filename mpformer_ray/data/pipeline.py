@@ -36,7 +36,7 @@ from mpformer_ray.config import Config, DataConfig
 from mpformer_ray.data.records import DataError, decode_row, read_manifest
 from mpformer_ray.data.transforms import augment, augment_rng, eval_transform, normalize
 
-_MAP_BATCH_ROWS = 8  # images per decode/augment task call: small, so work spreads over tasks
+_MAP_BATCH_ROWS = 8  # images per decode/augment call: small, so a task's output streams out in small pieces
 _SHUFFLE_BUFFER_BATCHES = 8
 # Output block size of the read + decode tasks. Ray's default (128 MiB) holds back a task's output
 # until ~40 augmented 1024^2 images are done, delaying the first batches; a separate repartition
