@@ -2,7 +2,7 @@
 
 Cost of assigning query q to segment t = class_weight * (-p_q(label_t)) + mask_weight * BCE(q, t)
 + dice_weight * dice(q, t), the mask terms on ``num_points`` points sampled uniformly per image (the same
-points for every prediction and target of that image).
+points for every query and segment of one image and prediction).
 """
 
 from __future__ import annotations
@@ -15,23 +15,27 @@ from mpformer_ray.model.point_sampling import point_sample
 
 
 def pairwise_sigmoid_ce(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean sigmoid BCE over points for every pair: logits [Q, P], targets [T, P] in {0, 1} -> [Q, T]."""
-    num_points = logits.shape[1]
+    """Mean sigmoid BCE over points for every pair: logits [..., Q, P], targets [..., T, P] in {0, 1}
+    -> [..., Q, T]."""
+    num_points = logits.shape[-1]
     pos = nn.functional.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
     neg = nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
-    return (pos @ targets.T + neg @ (1 - targets).T) / num_points
+    return (pos @ targets.transpose(-1, -2) + neg @ (1 - targets).transpose(-1, -2)) / num_points
 
 
 def pairwise_dice(logits: Tensor, targets: Tensor) -> Tensor:
-    """Dice loss for every pair: logits [Q, P], targets [T, P] -> [Q, T]."""
+    """Dice loss for every pair: logits [..., Q, P], targets [..., T, P] -> [..., Q, T]."""
     probs = logits.sigmoid()
-    numerator = 2 * probs @ targets.T
-    denominator = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]
+    numerator = 2 * probs @ targets.transpose(-1, -2)
+    denominator = probs.sum(-1)[..., :, None] + targets.sum(-1)[..., None, :]
     return 1 - (numerator + 1) / (denominator + 1)
 
 
+Pairs = tuple[Tensor, Tensor]
+
+
 class HungarianMatcher(nn.Module):
-    """Optimal one-to-one assignment of queries to segments, per image."""
+    """Optimal one-to-one assignment of queries to segments, per prediction and image."""
 
     def __init__(self, class_weight: float, mask_weight: float, dice_weight: float, num_points: int):
         super().__init__()
@@ -42,33 +46,54 @@ class HungarianMatcher(nn.Module):
         self.dice_weight = dice_weight
         self.num_points = num_points
 
-    @torch.no_grad()
-    def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-        """outputs: "pred_logits" [B, Q, K+1], "pred_masks" [B, Q, h, w];
-        targets: B dicts {"labels": int64 [n], "masks": bool [n, H, W]} (n may be 0).
+    def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[Pairs]:
+        """One prediction: outputs "pred_logits" [B, Q, K+1], "pred_masks" [B, Q, h, w]; targets: B dicts
+        {"labels": int64 [n], "masks": bool [n, H, W]} (n may be 0).
 
         Returns B pairs (query_idx int64 [m], target_idx int64 [m]) with m = min(Q, n), on CPU.
         """
-        logits, masks = outputs["pred_logits"], outputs["pred_masks"]
-        if logits.shape[0] != len(targets):
-            raise ValueError(f"HungarianMatcher: {logits.shape[0]} predictions but {len(targets)} targets")
+        return self.match_all(outputs["pred_logits"][None], outputs["pred_masks"][None], targets)[0]
+
+    @torch.no_grad()
+    def match_all(self, logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]]) -> list[list[Pairs]]:
+        """L predictions of the same queries at once: logits [L, B, Q, K+1], masks [L, B, Q, h, w] ->
+        per prediction, per image (query_idx, target_idx) as ``forward`` returns them.
+
+        All costs are computed on the device and copied to the host in one transfer: a GPU waits for the
+        host once per batch, not once per prediction and image.
+        """
+        num_preds, b, q = logits.shape[:3]
+        if b != len(targets):
+            raise ValueError(f"HungarianMatcher: {b} predictions but {len(targets)} targets")
+        costs = []
         with torch.autocast(masks.device.type, enabled=False):  # costs in float32 even under AMP
-            return [self._match_one(logits[b], masks[b], target) for b, target in enumerate(targets)]
+            for i, target in enumerate(targets):
+                if len(target["labels"]):
+                    costs.append(self._costs(logits[:, i], masks[:, i], target).flatten())
+        flat = torch.cat(costs).cpu().numpy() if costs else None
+        empty = torch.empty(0, dtype=torch.int64)
+        result = [[(empty, empty)] * b for _ in range(num_preds)]
+        offset = 0
+        for i, target in enumerate(targets):
+            n = len(target["labels"])
+            if n == 0:
+                continue
+            block = flat[offset:offset + num_preds * q * n].reshape(num_preds, q, n)
+            offset += block.size
+            for p in range(num_preds):
+                rows, cols = linear_sum_assignment(block[p])
+                result[p][i] = (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
+        return result
 
-    def _match_one(self, logits: Tensor, masks: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """logits [Q, K+1], masks [Q, h, w] of one image against its target -> (query_idx, target_idx)."""
+    def _costs(self, logits: Tensor, masks: Tensor, target: dict[str, Tensor]) -> Tensor:
+        """logits [L, Q, K+1], masks [L, Q, h, w] of one image's L predictions against its n > 0 segments
+        -> costs [L, Q, n] (fresh random points per prediction)."""
+        num_preds = logits.shape[0]
         labels = target["labels"].to(logits.device)
-        if len(labels) == 0:
-            empty = torch.empty(0, dtype=torch.int64)
-            return empty, empty
-        prob = logits.float().softmax(-1)  # [Q, K+1]
-        cost_class = -prob[:, labels]  # [Q, n]
-        coords = torch.rand(1, self.num_points, 2, device=masks.device)
-        pred = point_sample(masks.float()[:, None], coords.expand(masks.shape[0], -1, -1))[:, 0]
-        gt = target["masks"].to(device=masks.device, dtype=torch.float32)[:, None]
-        gt = point_sample(gt, coords.expand(gt.shape[0], -1, -1))[:, 0]
-        cost = (self.class_weight * cost_class + self.mask_weight * pairwise_sigmoid_ce(pred, gt)
+        cost_class = -logits.float().softmax(-1)[..., labels]  # [L, Q, n]
+        coords = torch.rand(num_preds, self.num_points, 2, device=masks.device)
+        pred = point_sample(masks.float(), coords)  # [L, Q, P]
+        gt = target["masks"].to(device=masks.device, dtype=torch.float32)[None]  # [1, n, H, W]
+        gt = point_sample(gt, coords.view(1, -1, 2)).view(-1, num_preds, self.num_points).transpose(0, 1)
+        return (self.class_weight * cost_class + self.mask_weight * pairwise_sigmoid_ce(pred, gt)
                 + self.dice_weight * pairwise_dice(pred, gt))
-        rows, cols = linear_sum_assignment(cost.cpu().numpy())
-        return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
-
