@@ -186,9 +186,26 @@ def memory_worker(name: str, args: argparse.Namespace, device: torch.device) -> 
     result = {"config": name, "params": subject.params}
     if device.type == "cuda":
         result["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        result["syncs_per_step"] = count_syncs(subject.step, device)
     else:
         result["peak_rss_delta_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     return result
+
+
+def count_syncs(fn, device: torch.device) -> int:
+    """How often ``fn`` makes the host wait for the GPU (reading a device value, a blocking copy): each
+    wait lets the GPU run dry while the host catches up, in a step bound by issuing kernels."""
+    import warnings
+
+    _sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def timing_worker(names: list[str], args: argparse.Namespace, device: torch.device) -> dict:
@@ -318,10 +335,12 @@ def print_table(results: dict[str, dict], summary: dict, args: argparse.Namespac
         ("peak_rss_delta_mib", "peak RSS delta MiB")
     print(f"\ndevice={args.device} batch={args.batch} size={args.size}^2 amp={args.amp} "
           f"iters={args.iters} warmup={args.warmup}")
-    print(f"{'config':<18}{'params':>12}{'step ms (median)':>18}{mem_label:>22}{'infer ms':>12}")
+    print(f"{'config':<18}{'params':>12}{'step ms (median)':>18}{'img/s':>8}{mem_label:>22}{'infer ms':>12}"
+          f"{'syncs/step':>12}")
     for name, r in results.items():
         infer = f"{1000 * r['infer_s_median']:.1f}" if "infer_s_median" in r else "-"
-        print(f"{name:<18}{r['params']:>12,}{1000 * r['step_s_median']:>18.1f}{r.get(mem_key, 0):>22.0f}{infer:>12}")
+        print(f"{name:<18}{r['params']:>12,}{1000 * r['step_s_median']:>18.1f}{args.batch / r['step_s_median']:>8.2f}"
+              f"{r.get(mem_key, 0):>22.0f}{infer:>12}{r.get('syncs_per_step', '-'):>12}")
     print()
     for key in ("step_vs_peer", "step_vs_peer_pilot_off", "pilot_g1_overhead", "pilot_g3_overhead", "inference_change"):
         if summary.get(key) is not None:

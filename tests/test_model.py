@@ -154,8 +154,8 @@ def test_criterion_equals_a_per_prediction_reference():
     slot = torch.arange(groups * n_max) % n_max
     valid = slot[None] < torch.tensor(counts)[:, None]
     target_index = torch.where(valid, slot, -1)
-    pilot_labels = torch.stack([torch.where(v, t["labels"][ti.clamp(max=max(len(t["labels"]) - 1, 0))]
-                                            if len(t["labels"]) else 0, 0) for t, v, ti in zip(targets, valid, target_index)])
+    pilot_labels = torch.stack([t["labels"][ti.clamp(min=0)] if len(t["labels"]) else torch.zeros_like(ti)
+                                for t, ti in zip(targets, target_index)]) * valid
 
     def prediction(p: int, slots: int, assign: list[torch.Tensor] | None) -> dict:
         embed = ((1 + p) * torch.randn(3, slots, d, generator=g)).requires_grad_()

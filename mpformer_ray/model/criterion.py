@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from mpformer_ray.model.matcher import HungarianMatcher
 from mpformer_ray.model.point_sampling import point_sample, uncertain_point_coords
+from mpformer_ray.model.transfer import to_device
 
 
 def global_count(n: int, device: torch.device) -> float:
@@ -50,19 +51,18 @@ def group_ranks(keys: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def sample_targets(masks: Tensor, target_idx: np.ndarray, coords: Tensor) -> Tensor:
-    """Row r's target mask ``masks[target_idx[r]]`` sampled at ``coords[r]``, without a float copy per row.
+def sample_targets(masks: Tensor, segments: np.ndarray, coords: Tensor) -> Tensor:
+    """Row r's target mask ``masks[segments[r]]`` sampled at ``coords[r]``, without a float copy per row.
 
-    masks bool [n, H, W]; target_idx int [R] (host); coords [R, P, 2] -> [R, P] in [0, 1].
+    masks bool [n, H, W]; segments int [R] (host); coords [R, P, 2] -> [R, P] in [0, 1].
 
     Rows sharing a segment (the same segment supervises every prediction and every pilot group) are
     sampled from one float copy of it: its rows' points are packed side by side into one grid.
     """
     r, p, _ = coords.shape
-    ranks = group_ranks(target_idx)
+    ranks = group_ranks(segments)
     per_segment = int(ranks.max()) + 1
-    seg = torch.as_tensor(target_idx, device=coords.device)
-    rank = torch.as_tensor(ranks, device=coords.device)
+    seg, rank = to_device(np.stack((segments, ranks)), coords.device)
     grid = coords.new_zeros(masks.shape[0], per_segment, p, 2)
     grid[seg, rank] = coords
     sampled = point_sample(masks[:, None].float(), grid.view(masks.shape[0], -1, 2))  # [n, 1, per_segment * P]
@@ -98,43 +98,48 @@ class SetCriterion(nn.Module):
         device = outputs["pred_logits"].device
         matching = [outputs, *outputs["aux_outputs"]]
         suffixes = ["", *(f"_{i}" for i in range(len(matching) - 1))]
-        groups = suffixes + ([f"_pilot{s}" for s in suffixes] if "pilot" in outputs else [])
+        num_masks = global_count(sum(len(t["labels"]) for t in targets), device)
+        # loss groups of the mask losses: (suffix, normaliser); group g < L is matching prediction g,
+        # group L + g the pilot slots of prediction g
+        groups = [(s, num_masks) for s in suffixes]
         losses: dict[str, Tensor] = {}
         with torch.autocast(device.type, enabled=False):
             logits = torch.stack([p["pred_logits"] for p in matching]).float()  # [L, B, Q, K+1]
-            indices = self.matcher.match_all(logits, torch.stack([p["pred_masks"] for p in matching]), targets)
-            num_masks = global_count(sum(len(t["labels"]) for t in targets), device)
+            indices = self.matcher.match_all(logits, [p["pred_masks"] for p in matching], targets)
             for suffix, loss in zip(suffixes, self.matching_class_losses(logits, indices, targets)):
                 losses[f"loss_ce{suffix}"] = loss * self.weights["ce"]
-            # rows[i]: image i's supervised masks as (query kind, prediction, query indices [m], segment
-            # indices [m], loss group, normaliser); kind 0 = matching queries (group = prediction), 1 = pilot
-            # slots (group = L + prediction)
+            # supervised[i]: image i's supervised masks, (query kind, prediction, query, segment, group) per
+            # mask; kind 0 = matching queries, kind 1 = pilot slots
             embeds = [torch.stack([p["mask_embed"] for p in matching]).float()]
-            rows: list[list[tuple]] = [[] for _ in targets]
+            supervised: list[list[np.ndarray]] = [[] for _ in targets]
             for p, per_image in enumerate(indices):
                 for i, (queries, segments) in enumerate(per_image):
-                    rows[i].append((0, p, queries.numpy(), segments.numpy(), p, num_masks))
+                    supervised[i].append(np.stack(np.broadcast_arrays(0, p, queries.numpy(), segments.numpy(), p)))
             if "pilot" in outputs:
                 pilot = outputs["pilot"]
                 predictions = [pilot, *pilot["aux_outputs"]]
                 valid, target_index = torch.stack((pilot["valid"].long(), pilot["target_index"])).cpu().numpy()
                 batch_idx, slot_idx = valid.nonzero()
                 num_pilots = global_count(len(batch_idx), device)
+                groups += [(f"_pilot{s}", num_pilots) for s in suffixes]
                 if self.pilot_class_loss:
                     pilot_logits = torch.stack([p["pred_logits"] for p in predictions]).float()
-                    pilot_losses = self.pilot_class_losses(pilot_logits, pilot["labels"], batch_idx, slot_idx, num_pilots)
+                    pilot_losses = self.pilot_class_losses(pilot_logits, pilot["labels"], batch_idx, slot_idx)
                     for suffix, loss in zip(suffixes, pilot_losses):
-                        losses[f"loss_ce_pilot{suffix}"] = loss * self.weights["ce"]
+                        losses[f"loss_ce_pilot{suffix}"] = loss * (self.weights["ce"] / num_pilots)
                 embeds.append(torch.stack([p["mask_embed"] for p in predictions]).float())
                 for i in range(len(targets)):
                     slots = slot_idx[batch_idx == i]
-                    rows[i] += [(1, p, slots, target_index[i, slots], len(matching) + p, num_pilots)
-                                for p in range(len(predictions))]
-            loss_mask, loss_dice = self.mask_losses(outputs["mask_features"].float(), embeds, rows, targets,
-                                                    len(groups))
-        for g, suffix in enumerate(groups):
-            losses[f"loss_mask{suffix}"] = loss_mask[g] * self.weights["mask"]
-            losses[f"loss_dice{suffix}"] = loss_dice[g] * self.weights["dice"]
+                    supervised[i] += [np.stack(np.broadcast_arrays(1, p, slots, target_index[i, slots],
+                                                                   len(matching) + p))
+                                      for p in range(len(predictions))]
+            supervised_all = [np.concatenate(rows, axis=1) if rows else np.zeros((5, 0), np.int64)
+                              for rows in supervised]
+            loss_mask, loss_dice = self.mask_losses(outputs["mask_features"].float(), embeds, supervised_all,
+                                                    targets, len(groups))
+        for g, (suffix, norm) in enumerate(groups):
+            losses[f"loss_mask{suffix}"] = loss_mask[g] * (self.weights["mask"] / norm)
+            losses[f"loss_dice{suffix}"] = loss_dice[g] * (self.weights["dice"] / norm)
         return losses
 
     def matching_class_losses(self, logits: Tensor, indices: list[list[tuple[Tensor, Tensor]]],
@@ -142,40 +147,36 @@ class SetCriterion(nn.Module):
         """Cross-entropy over all queries of each prediction (unmatched -> no object), the weighted mean
         of F.cross_entropy: logits [L, B, Q, K+1] -> unweighted losses [L]."""
         num_preds, b, q = logits.shape[:3]
-        pred_idx, batch_idx, query_idx, labels = [], [], [], []
-        for i, target in enumerate(targets):
-            segments = torch.cat([indices[p][i][1] for p in range(num_preds)])
-            if len(segments):
-                labels.append(target["labels"][segments.to(target["labels"].device)].to(logits.device))
-            for p in range(num_preds):
-                matched = indices[p][i][0]
-                pred_idx.append(torch.full_like(matched, p))
-                batch_idx.append(torch.full_like(matched, i))
-                query_idx.append(matched)
+        # (prediction, image, query, segment) of every match, one host-to-device copy for all
+        matches = np.concatenate([np.stack(np.broadcast_arrays(p, i, qs.numpy(), ts.numpy()))
+                                  for p, per_image in enumerate(indices) for i, (qs, ts) in enumerate(per_image)]
+                                 + [np.zeros((4, 0), np.int64)], axis=1)
         classes = torch.full((num_preds, b, q), self.num_classes, dtype=torch.int64, device=logits.device)
-        where = torch.stack([torch.cat(pred_idx), torch.cat(batch_idx), torch.cat(query_idx)]).to(logits.device)
-        if labels:
-            classes[where[0], where[1], where[2]] = torch.cat(labels)
+        if matches.shape[1]:
+            where = to_device(matches, logits.device)
+            all_labels = torch.cat([t["labels"].to(logits.device) for t in targets])
+            first = to_device(np.cumsum([0] + [len(t["labels"]) for t in targets[:-1]]), logits.device)
+            classes[where[0], where[1], where[2]] = all_labels[first[where[1]] + where[3]]
         nll = F.cross_entropy(logits.flatten(0, 2), classes.flatten(), self.empty_weight, reduction="none")
         return nll.view(num_preds, -1).sum(1) / self.empty_weight[classes].view(num_preds, -1).sum(1)
 
-    def pilot_class_losses(self, logits: Tensor, labels: Tensor, batch_idx: np.ndarray, slot_idx: np.ndarray,
-                           num_pilots: float) -> Tensor:
+    def pilot_class_losses(self, logits: Tensor, labels: Tensor, batch_idx: np.ndarray, slot_idx: np.ndarray
+                           ) -> Tensor:
         """Cross-entropy of every real pilot slot (image ``batch_idx[n]``, slot ``slot_idx[n]``) on its true
-        label: logits [L, B, P, K+1], labels [B, P] -> [L], each summed over slots / num_pilots."""
-        where = torch.as_tensor(np.stack((batch_idx, slot_idx)), device=logits.device)
+        label, summed over slots: logits [L, B, P, K+1], labels [B, P] -> [L]."""
+        where = to_device(np.stack((batch_idx, slot_idx)), logits.device)
         picked = logits[:, where[0], where[1]]  # [L, N, K+1]
         picked_labels = labels[where[0], where[1]].repeat(logits.shape[0])
         nll = F.cross_entropy(picked.flatten(0, 1), picked_labels, reduction="none")
-        return nll.view(logits.shape[0], -1).sum(1) / num_pilots
+        return nll.view(logits.shape[0], -1).sum(1)
 
-    def mask_losses(self, mask_features: Tensor, embeds: list[Tensor], rows: list[list[tuple]],
+    def mask_losses(self, mask_features: Tensor, embeds: list[Tensor], supervised: list[np.ndarray],
                     targets: list[dict[str, Tensor]], num_groups: int) -> tuple[Tensor, Tensor]:
         """BCE and dice of every supervised mask on importance-sampled points, summed per loss group.
 
-        mask_features [B, D, H/4, W/4]; embeds: [L, B, T_k, D] per query kind k; rows: per image the
-        (kind, prediction, query indices [m], segment indices [m], group, normaliser) of its supervised
-        masks -> (BCE [num_groups], dice [num_groups]), each mask's loss divided by its normaliser.
+        mask_features [B, D, H/4, W/4]; embeds: [L, B, T_k, D] per query kind k; supervised: per image
+        int [5, m_i], rows (query kind, prediction, query, segment, group) -> (BCE [num_groups], dice
+        [num_groups]), unnormalised sums.
         """
         features = mask_features.flatten(2).unbind(0)  # unbind: no [B, D, H*W] zero-filled gradient per image
         h, w = mask_features.shape[-2:]
@@ -183,17 +184,16 @@ class SetCriterion(nn.Module):
         # (DistributedDataParallel expects the same parameters to get gradients on every rank)
         anchor = mask_features.sum() * 0.0 + sum(e.sum() for e in embeds) * 0.0
         bce_all, dice_all = anchor.expand(num_groups), anchor.expand(num_groups)
-        for i, image_rows in enumerate(rows):
-            if not sum(len(r[2]) for r in image_rows):
+        for i, rows in enumerate(supervised):
+            if rows.shape[1] == 0:
                 continue
-            picked = [embeds[kind][p, i, torch.as_tensor(q, device=mask_features.device)]
-                      for kind, p, q, _, _, _ in image_rows]
+            rows = rows[:, np.argsort(rows[0], kind="stable")]  # by query kind: one gather per kind
+            ends = np.cumsum(np.bincount(rows[0], minlength=len(embeds))).tolist()
+            _, pred, query, _, group = to_device(rows, mask_features.device)
+            picked = [embeds[k][pred[start:end], i, query[start:end]]
+                      for k, (start, end) in enumerate(zip([0, *ends], ends)) if end > start]
             src = torch.mm(torch.cat(picked), features[i]).view(-1, 1, h, w)  # [m_i, 1, H/4, W/4]
-            segments = np.concatenate([r[3] for r in image_rows])
-            group = torch.as_tensor(np.concatenate([np.full(len(r[2]), r[4]) for r in image_rows]),
-                                    device=src.device)
-            scale = torch.as_tensor(np.concatenate([np.full(len(r[2]), 1.0 / r[5]) for r in image_rows]),
-                                    dtype=src.dtype, device=src.device)
+            segments = rows[3]
             with torch.no_grad():
                 coords = uncertain_point_coords(src, self.num_points, self.oversample_ratio,
                                                 self.importance_sample_ratio)
@@ -202,6 +202,6 @@ class SetCriterion(nn.Module):
             bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1)
             probs = logits.sigmoid()
             dice = 1 - (2 * (probs * labels).sum(-1) + 1) / (probs.sum(-1) + labels.sum(-1) + 1)
-            bce_all = bce_all.index_add(0, group, bce * scale)
-            dice_all = dice_all.index_add(0, group, dice * scale)
+            bce_all = bce_all.index_add(0, group, bce)
+            dice_all = dice_all.index_add(0, group, dice)
         return bce_all, dice_all

@@ -74,9 +74,13 @@ class MPFormer(nn.Module):
                 raise ValueError(f"MPFormer: targets[{i}]['masks'] must be [n, H, W] = [{labels.shape[0]}, "
                                  f"{images.shape[-2]}, {images.shape[-1]}] (n labels, the images' size), "
                                  f"got {tuple(masks.shape)}")
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.cfg.num_classes):
-                raise ValueError(f"MPFormer: targets[{i}]['labels'] must lie in [0, {self.cfg.num_classes}) "
-                                 f"(model.num_classes), got {labels.tolist()}")
+        # one range check for the whole batch: each check of a device tensor makes the host wait for the GPU
+        labels = torch.cat([t["labels"].reshape(-1) for t in targets])
+        if labels.numel() and not ((labels >= 0) & (labels < self.cfg.num_classes)).all():
+            bad = next(i for i, t in enumerate(targets)
+                       if ((t["labels"] < 0) | (t["labels"] >= self.cfg.num_classes)).any())
+            raise ValueError(f"MPFormer: targets[{bad}]['labels'] must lie in [0, {self.cfg.num_classes}) "
+                             f"(model.num_classes), got {targets[bad]['labels'].tolist()}")
 
     def forward_raw(self, images: Tensor, targets: list[Target] | None = None) -> dict:
         """Decoder outputs for images [B, 3, H, W] (padded here to ``size_divisibility``).

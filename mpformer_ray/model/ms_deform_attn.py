@@ -13,13 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mpformer_ray.model.transfer import to_device
+
 
 def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                    sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """Sample every level at each query's points and sum them with the attention weights.
 
     value:              [B, S, nH, Dh], the L levels flattened and concatenated (S = sum h_l * w_l)
-    spatial_shapes:     int64 [L, 2], (h_l, w_l) per level
+    spatial_shapes:     int64 [L, 2], (h_l, w_l) per level (best on the host: it is read as Python ints)
     level_start_index:  int64 [L], offset of each level in S (implied by spatial_shapes; kept for the
                         CUDA op's signature)
     sampling_locations: [B, Lq, nH, L, P, 2], (x, y) in [0, 1] (outside reads zeros)
@@ -99,7 +101,7 @@ class MSDeformAttn(nn.Module):
         weights = weights.softmax(-1).view(b, n_queries, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: normalise by (w, h)
-            normalizer = spatial_shapes.flip(-1).to(reference_points.dtype)
+            normalizer = to_device(spatial_shapes.flip(-1), reference_points.device).to(reference_points.dtype)
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             locations = (reference_points[:, :, None, :, None, :2]

@@ -24,9 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mpformer_ray.model.transfer import to_device
 
 NoiseKind = Literal["none", "point", "shift", "scale"]
 NOISE_KINDS = ("none", "point", "shift", "scale")
@@ -177,7 +180,7 @@ class PilotQueries(nn.Module):
         n_max = max(counts, default=0)
         p = g * n_max
         slot = torch.arange(n_max, device=device)
-        valid_one = slot[None, :] < torch.as_tensor(counts, device=device)[:, None]  # [B, n_max]
+        valid_one = to_device(np.arange(n_max)[None, :] < np.array(counts)[:, None], device)  # [B, n_max]
         valid = valid_one.repeat(1, g)
         labels = torch.zeros(b, n_max, dtype=torch.int64, device=device)
         gt = torch.zeros(b, n_max, *image_size, dtype=torch.bool, device=device)

@@ -86,10 +86,11 @@ class DeformableEncoder(nn.Module):
         shapes = [(x.shape[2], x.shape[3]) for x in srcs]
         src = torch.cat([x.flatten(2).transpose(1, 2) for x in srcs], 1)
         pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl] for lvl, p in enumerate(pos_embeds)], 1)
-        device = src.device
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
+        # level shapes stay on the host: ms_deform_attn reads them as Python ints, and reading a device
+        # tensor would make the host wait for the GPU in every encoder layer
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long)
         level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        reference_points = self.reference_points(shapes, src.shape[0], device)
+        reference_points = self.reference_points(shapes, src.shape[0], src.device)
         for layer in self.layers:
             src = layer(src, pos, reference_points, spatial_shapes, level_start_index)
         return src, shapes

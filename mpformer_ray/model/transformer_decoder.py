@@ -134,8 +134,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
         The full mask logits only feed matching, attention masks and inference; the losses supervise a
         few matched / pilot queries, whose masks the criterion recomputes from the embeddings with
-        gradient (``SetCriterion.mask_losses``). Backpropagating through every query's full-resolution mask instead costs
-        a [B, T, H, W] gradient per decoder layer that is zero outside the matched queries.
+        gradient (``SetCriterion.mask_losses``). Backpropagating through every query's full-resolution
+        mask instead costs a [B, T, H, W] gradient per decoder layer that is zero outside the matched
+        queries.
         """
         decoded = self.decoder_norm(output)
         logits = self.class_embed(decoded)
