@@ -9,7 +9,7 @@ so that machine drift hits each configuration alike):
                    (random init, 100 queries, 9 decoder layers, hidden 256, 6 encoder layers, 12544 points,
                    loss weights 2/5/5); needs the benchmark-only extra ``pip install transformers``
 
-A training step is forward + backward + gradient clipping + AdamW step on the same random batch (a few
+A training step is forward + backward + gradient clipping + fused AdamW step on the same random batch (a few
 random masks per image). Eval-mode inference (``model(images)`` including post-processing) is timed for the
 pilot-off and pilot-on models, alternating, with identical weights: the pilot must cost nothing at inference,
 and the script checks that both produce identical outputs. Because whole-step times of one configuration
@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mpformer_ray.model.criterion import total_loss  # noqa: E402 (needs the path above)
 
 OURS = {
     "ours-pilot-off": ["model.pilot.enabled=false"],
@@ -134,8 +136,9 @@ class Subject:
         self.images, self.targets = random_batch(args.batch, args.size, cfg.model.num_classes, device)
         self.peer_kwargs = {"mask_labels": [t["masks"].float() for t in self.targets],
                             "class_labels": [t["labels"] for t in self.targets]} if name == PEER else {}
+        # the same optimizer for both models, fused as in our training loop
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
-                                           weight_decay=cfg.train.weight_decay)
+                                           weight_decay=cfg.train.weight_decay, fused=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.params = sum(p.numel() for p in self.model.parameters())
 
@@ -150,7 +153,7 @@ class Subject:
             if self.name == PEER:
                 loss = self.model(pixel_values=self.images, **self.peer_kwargs).loss
             else:
-                loss = sum(self.model(self.images, self.targets).values())
+                loss = total_loss(self.model(self.images, self.targets))
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad)
@@ -251,7 +254,7 @@ def pilot_breakdown(args: argparse.Namespace, device: torch.device) -> dict:
                 out["pilot"].update(pilot.layout())
             _sync(device)
             t1 = time.perf_counter()
-            loss = sum(model.criterion(out, subject.targets).values())
+            loss = total_loss(model.criterion(out, subject.targets))
         _sync(device)
         t2 = time.perf_counter()
         loss.backward()

@@ -146,7 +146,7 @@ def test_criterion_equals_a_per_prediction_reference():
     counts, k, q, d, groups, num_preds = [2, 0, 3], 5, 6, 4, 2, 3
     weights = {"ce": 2.0, "mask": 5.0, "dice": 5.0}
     criterion = SetCriterion(k, HungarianMatcher(100.0, 1.0, 1.0, 256), weights["ce"], weights["mask"],
-                             weights["dice"], 0.1, num_points=40000, oversample_ratio=1.0, importance_sample_ratio=0.0)
+                             weights["dice"], 0.1, num_points=100_000, oversample_ratio=1.0, importance_sample_ratio=0.0)
     targets = [{"labels": torch.randperm(k, generator=g)[:n],
                 "masks": torch.rand(n, 32, 32, generator=g) < 0.4} for n in counts]
     features = torch.randn(3, d, 8, 8, generator=g, requires_grad=True)
@@ -174,7 +174,9 @@ def test_criterion_equals_a_per_prediction_reference():
     pilots = [prediction(p, groups * n_max, None) for p in range(num_preds)]
     outputs = {**matching[-1], "aux_outputs": matching[:-1], "mask_features": features,
                "pilot": {**pilots[-1], "aux_outputs": pilots[:-1], "labels": pilot_labels,
-                         "target_index": target_index, "valid": valid}}
+                         "target_index": target_index, "valid": valid},
+               "predictions": {key: torch.stack([torch.cat((m[name], pl[name]), 1) for m, pl in zip(matching, pilots)])
+                               for key, name in (("logits", "pred_logits"), ("embeds", "mask_embed"))}}
     inputs = [features] + [x for pred in matching + pilots for x in (pred["pred_logits"], pred["mask_embed"])]
 
     dense = torch.stack(torch.meshgrid(torch.arange(128) / 128 + 1 / 256, torch.arange(128) / 128 + 1 / 256,
@@ -220,12 +222,12 @@ def test_criterion_equals_a_per_prediction_reference():
     got = criterion(outputs, targets)
     assert got.keys() == want.keys()
     for key in want:
-        tol = 1e-5 if key.startswith("loss_ce") else 0.02  # the mask terms are 40000-point estimates
+        tol = 1e-5 if key.startswith("loss_ce") else 0.02  # the mask terms are 100000-point estimates
         torch.testing.assert_close(got[key], want[key], rtol=tol, atol=1e-6, msg=key)
     got_grads = torch.autograd.grad(sum(got.values()), inputs)
     want_grads = torch.autograd.grad(sum(want.values()), inputs)
     for a, b in zip(got_grads, want_grads):
-        assert (a - b).norm() <= 0.03 * b.norm(), ((a - b).norm(), b.norm())
+        assert (a - b).norm() <= 0.05 * b.norm(), ((a - b).norm(), b.norm())
 
 
 @pytest.mark.parametrize("counts", [[2, 0, 5], [0, 0]])

@@ -69,6 +69,12 @@ def sample_targets(masks: Tensor, segments: np.ndarray, coords: Tensor) -> Tenso
     return sampled.view(masks.shape[0], per_segment, p)[seg, rank]
 
 
+def total_loss(losses: dict[str, Tensor]) -> Tensor:
+    """The sum of all loss terms, as one stack and one sum: Python's ``sum`` would add (and backpropagate)
+    one term at a time, 60 host-issued ops per step with the pilot on."""
+    return torch.stack(list(losses.values())).sum()
+
+
 class SetCriterion(nn.Module):
     """Weighted Mask2Former + pilot losses for the decoder outputs of one batch."""
 
@@ -88,59 +94,59 @@ class SetCriterion(nn.Module):
         self.register_buffer("empty_weight", empty_weight)
 
     def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """outputs: the decoder's dict (``pred_logits``, ``pred_masks``, ``mask_embed``, ``aux_outputs``,
-        ``mask_features``, optional ``pilot`` with ``labels`` / ``target_index`` / ``valid``); targets: B
-        dicts {"labels" [n], "masks" bool [n, H, W]}.
+        """outputs: the decoder's dict (``predictions`` with every prediction's ``logits`` [L, B, T, K+1] and
+        ``embeds`` [L, B, T, D], query init first, the Q matching queries then the pilot slots; per-layer
+        ``pred_masks`` in ``aux_outputs`` and the top level; ``mask_features``; optional ``pilot`` with
+        ``labels`` / ``target_index`` / ``valid`` [B, P]); targets: B dicts {"labels" [n], "masks" bool [n, H, W]}.
 
-        Returns weighted scalar losses: loss_{ce,mask,dice}, loss_{ce,mask,dice}_{i} for aux prediction i,
-        and with pilot outputs loss_{ce,mask,dice}_pilot[_{i}].
+        Returns weighted scalar losses: loss_{ce,mask,dice} for the final prediction, loss_{ce,mask,dice}_{i}
+        for aux prediction i (query init = 0), and with pilot outputs loss_{ce,mask,dice}_pilot[_{i}].
         """
-        device = outputs["pred_logits"].device
-        matching = [outputs, *outputs["aux_outputs"]]
-        suffixes = ["", *(f"_{i}" for i in range(len(matching) - 1))]
+        all_logits, all_embeds = outputs["predictions"]["logits"], outputs["predictions"]["embeds"]
+        device = all_logits.device
+        num_preds, num_queries = all_logits.shape[0], outputs["pred_logits"].shape[1]
+        suffixes = [*(f"_{i}" for i in range(num_preds - 1)), ""]
         num_masks = global_count(sum(len(t["labels"]) for t in targets), device)
-        # loss groups of the mask losses: (suffix, normaliser); group g < L is matching prediction g,
-        # group L + g the pilot slots of prediction g
+        # loss groups of the mask losses, (suffix, normaliser): group g < L is prediction g's matching
+        # queries, group L + g its pilot slots
         groups = [(s, num_masks) for s in suffixes]
-        losses: dict[str, Tensor] = {}
+        class_names, class_scales = [f"loss_ce{s}" for s in suffixes], [self.weights["ce"]] * num_preds
         with torch.autocast(device.type, enabled=False):
-            logits = torch.stack([p["pred_logits"] for p in matching]).float()  # [L, B, Q, K+1]
-            indices = self.matcher.match_all(logits, [p["pred_masks"] for p in matching], targets)
-            for suffix, loss in zip(suffixes, self.matching_class_losses(logits, indices, targets)):
-                losses[f"loss_ce{suffix}"] = loss * self.weights["ce"]
-            # supervised[i]: image i's supervised masks, (query kind, prediction, query, segment, group) per
-            # mask; kind 0 = matching queries, kind 1 = pilot slots
-            embeds = [torch.stack([p["mask_embed"] for p in matching]).float()]
+            logits, embeds = all_logits.float(), all_embeds.float()
+            masks = [aux["pred_masks"] for aux in outputs["aux_outputs"]] + [outputs["pred_masks"]]
+            indices = self.matcher.match_all(logits[:, :, :num_queries], masks, targets)
+            class_losses = [self.matching_class_losses(logits[:, :, :num_queries], indices, targets)]
+            # supervised[i]: image i's supervised masks as int [4, m] rows (prediction, query, segment, group)
             supervised: list[list[np.ndarray]] = [[] for _ in targets]
             for p, per_image in enumerate(indices):
                 for i, (queries, segments) in enumerate(per_image):
-                    supervised[i].append(np.stack(np.broadcast_arrays(0, p, queries.numpy(), segments.numpy(), p)))
+                    supervised[i].append(np.stack(np.broadcast_arrays(p, queries.numpy(), segments.numpy(), p)))
             if "pilot" in outputs:
                 pilot = outputs["pilot"]
-                predictions = [pilot, *pilot["aux_outputs"]]
                 valid, target_index = torch.stack((pilot["valid"].long(), pilot["target_index"])).cpu().numpy()
                 batch_idx, slot_idx = valid.nonzero()
                 num_pilots = global_count(len(batch_idx), device)
                 groups += [(f"_pilot{s}", num_pilots) for s in suffixes]
                 if self.pilot_class_loss:
-                    pilot_logits = torch.stack([p["pred_logits"] for p in predictions]).float()
-                    pilot_losses = self.pilot_class_losses(pilot_logits, pilot["labels"], batch_idx, slot_idx)
-                    for suffix, loss in zip(suffixes, pilot_losses):
-                        losses[f"loss_ce_pilot{suffix}"] = loss * (self.weights["ce"] / num_pilots)
-                embeds.append(torch.stack([p["mask_embed"] for p in predictions]).float())
+                    class_losses.append(self.pilot_class_losses(logits, pilot["labels"], batch_idx, slot_idx,
+                                                                num_queries))
+                    class_names += [f"loss_ce_pilot{s}" for s in suffixes]
+                    class_scales += [self.weights["ce"] / num_pilots] * num_preds
                 for i in range(len(targets)):
                     slots = slot_idx[batch_idx == i]
-                    supervised[i] += [np.stack(np.broadcast_arrays(1, p, slots, target_index[i, slots],
-                                                                   len(matching) + p))
-                                      for p in range(len(predictions))]
-            supervised_all = [np.concatenate(rows, axis=1) if rows else np.zeros((5, 0), np.int64)
-                              for rows in supervised]
-            loss_mask, loss_dice = self.mask_losses(outputs["mask_features"].float(), embeds, supervised_all,
-                                                    targets, len(groups))
-        for g, (suffix, norm) in enumerate(groups):
-            losses[f"loss_mask{suffix}"] = loss_mask[g] * (self.weights["mask"] / norm)
-            losses[f"loss_dice{suffix}"] = loss_dice[g] * (self.weights["dice"] / norm)
-        return losses
+                    supervised[i] += [np.stack(np.broadcast_arrays(p, num_queries + slots, target_index[i, slots],
+                                                                   num_preds + p)) for p in range(num_preds)]
+            loss_mask, loss_dice = self.mask_losses(
+                outputs["mask_features"].float(), embeds,
+                [np.concatenate(rows, axis=1) if rows else np.zeros((4, 0), np.int64) for rows in supervised],
+                targets, len(groups))
+            # one weighting multiply and one unbind for all keys: a tensor op per loss key (and its backward)
+            # is host time on a GPU
+            names = class_names + [f"loss_mask{s}" for s, _ in groups] + [f"loss_dice{s}" for s, _ in groups]
+            scales = (class_scales + [self.weights["mask"] / n for _, n in groups]
+                      + [self.weights["dice"] / n for _, n in groups])
+            values = torch.cat([*class_losses, loss_mask, loss_dice]) * to_device(np.array(scales, np.float32), device)
+        return dict(zip(names, values.unbind()))
 
     def matching_class_losses(self, logits: Tensor, indices: list[list[tuple[Tensor, Tensor]]],
                               targets: list[dict[str, Tensor]]) -> Tensor:
@@ -160,44 +166,39 @@ class SetCriterion(nn.Module):
         nll = F.cross_entropy(logits.flatten(0, 2), classes.flatten(), self.empty_weight, reduction="none")
         return nll.view(num_preds, -1).sum(1) / self.empty_weight[classes].view(num_preds, -1).sum(1)
 
-    def pilot_class_losses(self, logits: Tensor, labels: Tensor, batch_idx: np.ndarray, slot_idx: np.ndarray
-                           ) -> Tensor:
+    def pilot_class_losses(self, logits: Tensor, labels: Tensor, batch_idx: np.ndarray, slot_idx: np.ndarray,
+                           num_queries: int) -> Tensor:
         """Cross-entropy of every real pilot slot (image ``batch_idx[n]``, slot ``slot_idx[n]``) on its true
-        label, summed over slots: logits [L, B, P, K+1], labels [B, P] -> [L]."""
+        label, summed over slots: logits [L, B, Q + P, K+1] (pilot slots after the Q matching queries),
+        labels [B, P] -> [L]."""
         where = to_device(np.stack((batch_idx, slot_idx)), logits.device)
-        picked = logits[:, where[0], where[1]]  # [L, N, K+1]
+        picked = logits[:, where[0], where[1] + num_queries]  # [L, N, K+1]
         picked_labels = labels[where[0], where[1]].repeat(logits.shape[0])
         nll = F.cross_entropy(picked.flatten(0, 1), picked_labels, reduction="none")
         return nll.view(logits.shape[0], -1).sum(1)
 
-    def mask_losses(self, mask_features: Tensor, embeds: list[Tensor], supervised: list[np.ndarray],
+    def mask_losses(self, mask_features: Tensor, embeds: Tensor, supervised: list[np.ndarray],
                     targets: list[dict[str, Tensor]], num_groups: int) -> tuple[Tensor, Tensor]:
         """BCE and dice of every supervised mask on importance-sampled points, summed per loss group.
 
-        mask_features [B, D, H/4, W/4]; embeds: [L, B, T_k, D] per query kind k; supervised: per image
-        int [5, m_i], rows (query kind, prediction, query, segment, group) -> (BCE [num_groups], dice
-        [num_groups]), unnormalised sums.
+        mask_features [B, D, H/4, W/4]; embeds [L, B, T, D]; supervised: per image int [4, m_i], rows
+        (prediction, query, segment, group) -> (BCE [num_groups], dice [num_groups]), unnormalised sums.
         """
         features = mask_features.flatten(2).unbind(0)  # unbind: no [B, D, H*W] zero-filled gradient per image
         h, w = mask_features.shape[-2:]
         # starting from zero-weighted inputs keeps every parameter in the graph when nothing is supervised
         # (DistributedDataParallel expects the same parameters to get gradients on every rank)
-        anchor = mask_features.sum() * 0.0 + sum(e.sum() for e in embeds) * 0.0
+        anchor = (mask_features.sum() + embeds.sum()) * 0.0
         bce_all, dice_all = anchor.expand(num_groups), anchor.expand(num_groups)
         for i, rows in enumerate(supervised):
             if rows.shape[1] == 0:
                 continue
-            rows = rows[:, np.argsort(rows[0], kind="stable")]  # by query kind: one gather per kind
-            ends = np.cumsum(np.bincount(rows[0], minlength=len(embeds))).tolist()
-            _, pred, query, _, group = to_device(rows, mask_features.device)
-            picked = [embeds[k][pred[start:end], i, query[start:end]]
-                      for k, (start, end) in enumerate(zip([0, *ends], ends)) if end > start]
-            src = torch.mm(torch.cat(picked), features[i]).view(-1, 1, h, w)  # [m_i, 1, H/4, W/4]
-            segments = rows[3]
+            pred, query, _, group = to_device(rows, mask_features.device)
+            src = torch.mm(embeds[pred, i, query], features[i]).view(-1, 1, h, w)  # [m_i, 1, H/4, W/4]
             with torch.no_grad():
                 coords = uncertain_point_coords(src, self.num_points, self.oversample_ratio,
                                                 self.importance_sample_ratio)
-                labels = sample_targets(targets[i]["masks"].to(src.device), segments, coords)
+                labels = sample_targets(targets[i]["masks"].to(src.device), rows[2], coords)
             logits = point_sample(src, coords)[:, 0]  # [m_i, P]
             bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1)
             probs = logits.sigmoid()

@@ -153,7 +153,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
         Returns {"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H/4, W/4] (no gradient), "mask_embed":
         [B, Q, mask_dim], "aux_outputs": the query-init prediction and every layer's but the last (same keys),
-        "mask_features": the input}; with ``pilot``, also "pilot": the same structure for the P pilot slots.
+        "mask_features": the input, "predictions": {"logits" [L, B, T, K+1], "embeds" [L, B, T, mask_dim]} of
+        all L = layers + 1 predictions and T = Q + P queries (the per-prediction entries are views of these)};
+        with ``pilot``, also "pilot": the same structure as the top level for the P pilot slots.
         """
         if len(features) != NUM_LEVELS:
             raise ValueError(f"transformer decoder expects {NUM_LEVELS} feature levels, got {len(features)}")
@@ -191,14 +193,19 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                                                                     sizes[(i + 1) % NUM_LEVELS])
             predictions.append((logits, masks, embed))
 
-        out = self._pack(predictions, slice(0, self.num_queries))
+        # stacked once: the criterion reads every prediction from these, so the backward pass meets one
+        # stack instead of a slice per layer and query kind (each a zero-filled gradient)
+        stacked = {"logits": torch.stack([lg for lg, _, _ in predictions]),
+                   "embeds": torch.stack([em for _, _, em in predictions])}
+        out = self._pack(stacked, [mk for _, mk, _ in predictions], slice(0, self.num_queries))
         out["mask_features"] = mask_features
+        out["predictions"] = stacked
         if pilot is not None:
-            out["pilot"] = self._pack(predictions, slice(self.num_queries, None))
+            out["pilot"] = self._pack(stacked, [mk for _, mk, _ in predictions], slice(self.num_queries, None))
         return out
 
     @staticmethod
-    def _pack(predictions: list[tuple[Tensor, Tensor, Tensor]], queries: slice) -> dict[str, object]:
-        entries = [{"pred_logits": lg[:, queries], "pred_masks": mk[:, queries], "mask_embed": em[:, queries]}
-                   for lg, mk, em in predictions]
+    def _pack(stacked: dict[str, Tensor], masks: list[Tensor], queries: slice) -> dict[str, object]:
+        entries = [{"pred_logits": stacked["logits"][i, :, queries], "pred_masks": mk[:, queries],
+                    "mask_embed": stacked["embeds"][i, :, queries]} for i, mk in enumerate(masks)]
         return {**entries[-1], "aux_outputs": entries[:-1]}

@@ -19,6 +19,7 @@ from torch import nn
 
 from mpformer_ray import storage
 from mpformer_ray.config import Config, ConfigError
+from mpformer_ray.model.criterion import total_loss
 from mpformer_ray.train.checkpoint import CheckpointStore
 from mpformer_ray.train.optim import build_optimizer, build_scheduler
 
@@ -197,7 +198,7 @@ def train_loop(
 
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             losses = model(images, targets)
-        loss = sum(losses.values())
+        loss = total_loss(losses)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss.item()} at iteration {it} ({ {k: float(v) for k, v in losses.items()} }); "
