@@ -189,15 +189,18 @@ def memory_worker(name: str, args: argparse.Namespace, device: torch.device) -> 
     result = {"config": name, "params": subject.params}
     if device.type == "cuda":
         result["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
-        result["syncs_per_step"] = count_syncs(subject.step, device)
+        result["sync_sites"] = sync_sites(subject.step, device)
+        result["syncs_per_step"] = sum(result["sync_sites"].values())
     else:
         result["peak_rss_delta_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     return result
 
 
-def count_syncs(fn, device: torch.device) -> int:
-    """How often ``fn`` makes the host wait for the GPU (reading a device value, a blocking copy): each
-    wait lets the GPU run dry while the host catches up, in a step bound by issuing kernels."""
+def sync_sites(fn, device: torch.device) -> dict[str, int]:
+    """Where and how often ``fn`` makes the host wait for the GPU (reading a device value, a blocking
+    copy), as {"file:line": count}: each wait lets the GPU run dry while the host catches up, in a step
+    bound by issuing kernels."""
+    import collections
     import warnings
 
     _sync(device)
@@ -208,7 +211,8 @@ def count_syncs(fn, device: torch.device) -> int:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return dict(collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                                    if "synchroniz" in str(w.message)))
 
 
 def timing_worker(names: list[str], args: argparse.Namespace, device: torch.device) -> dict:
@@ -354,6 +358,10 @@ def print_table(results: dict[str, dict], summary: dict, args: argparse.Namespac
         print(f"pilot G=1 adds {1000 * b['added_s']:.0f} ms to decoder + criterion + backward "
               f"({1000 * b['pilot_off_total_s']:.0f} -> {1000 * b['pilot_g1_total_s']:.0f} ms from fixed pixel-decoder "
               f"features) = {summary['pilot_g1_added_share_of_step']:+.3f} of a pilot-off step")
+    for name, r in results.items():
+        if r.get("sync_sites"):
+            print(f"host waits for the GPU in a step of {name}: "
+                  + ", ".join(f"{site} x{n}" for site, n in sorted(r["sync_sites"].items(), key=lambda x: -x[1])[:8]))
     if summary.get("inference_outputs_identical") is not None:
         print(f"inference outputs of pilot-off and pilot-on G=1 identical: {summary['inference_outputs_identical']}")
     for goal, met in summary["goals_met"].items():

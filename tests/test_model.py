@@ -145,8 +145,8 @@ def test_criterion_equals_a_per_prediction_reference():
     g = torch.Generator().manual_seed(0)
     counts, k, q, d, groups, num_preds = [2, 0, 3], 5, 6, 4, 2, 3
     weights = {"ce": 2.0, "mask": 5.0, "dice": 5.0}
-    criterion = SetCriterion(k, HungarianMatcher(100.0, 1.0, 1.0, 256), weights["ce"], weights["mask"],
-                             weights["dice"], 0.1, num_points=100_000, oversample_ratio=1.0, importance_sample_ratio=0.0)
+    criterion = SetCriterion(k, HungarianMatcher(100.0, 1.0, 1.0, 256), weights["ce"], weights["mask"], weights["dice"],
+                             0.1, num_points=100_000, oversample_ratio=1.0, importance_sample_ratio=0.0)
     targets = [{"labels": torch.randperm(k, generator=g)[:n],
                 "masks": torch.rand(n, 32, 32, generator=g) < 0.4} for n in counts]
     features = torch.randn(3, d, 8, 8, generator=g, requires_grad=True)

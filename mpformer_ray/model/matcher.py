@@ -43,7 +43,8 @@ class HungarianMatcher(nn.Module):
     def __init__(self, class_weight: float, mask_weight: float, dice_weight: float, num_points: int):
         super().__init__()
         if class_weight == 0 and mask_weight == 0 and dice_weight == 0:
-            raise ValueError("HungarianMatcher: all cost weights are 0 (model.class_weight / mask_weight / dice_weight)")
+            raise ValueError("HungarianMatcher: all cost weights are 0 "
+                             "(model.class_weight / mask_weight / dice_weight)")
         self.class_weight = class_weight
         self.mask_weight = mask_weight
         self.dice_weight = dice_weight
