@@ -13,9 +13,10 @@ from torch import Tensor
 
 
 def to_device(data: np.ndarray | Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
-    """``data`` (host array or tensor) as a tensor on ``device``: on an accelerator via pinned memory and
-    an asynchronous copy (the caching host allocator keeps the pinned block until the copy is done)."""
+    """``data`` (host array or tensor) as a tensor on ``device``; to a CUDA device via pinned memory and an
+    asynchronous copy (the caching host allocator keeps the pinned block until the copy is done), to
+    other devices by a plain copy."""
     tensor = torch.as_tensor(data, dtype=dtype)
-    if device.type == "cpu" or tensor.device == device:
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)  # no copy when already there
