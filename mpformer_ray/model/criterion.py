@@ -59,7 +59,7 @@ def sample_targets(masks: Tensor, segments: np.ndarray, coords: Tensor) -> Tenso
     Rows sharing a segment (the same segment supervises every prediction and every pilot group) are
     sampled from one float copy of it: its rows' points are packed side by side into one grid.
     """
-    r, p, _ = coords.shape
+    p = coords.shape[1]
     ranks = group_ranks(segments)
     per_segment = int(ranks.max()) + 1
     seg, rank = to_device(np.stack((segments, ranks)), coords.device)
