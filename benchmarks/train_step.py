@@ -26,6 +26,7 @@ G=1 alternating.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import os
@@ -34,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -200,9 +202,6 @@ def sync_sites(fn, device: torch.device) -> dict[str, int]:
     """Where and how often ``fn`` makes the host wait for the GPU (reading a device value, a blocking
     copy), as {"file:line": count}: each wait lets the GPU run dry while the host catches up, in a step
     bound by issuing kernels."""
-    import collections
-    import warnings
-
     _sync(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -97,7 +97,8 @@ class SetCriterion(nn.Module):
         """outputs: the decoder's dict (``predictions`` with every prediction's ``logits`` [L, B, T, K+1] and
         ``embeds`` [L, B, T, D], query init first, the Q matching queries then the pilot slots; per-layer
         ``pred_masks`` in ``aux_outputs`` and the top level; ``mask_features``; optional ``pilot`` with
-        ``labels`` / ``target_index`` / ``valid`` [B, P]); targets: B dicts {"labels" [n], "masks" bool [n, H, W]}.
+        ``labels`` / ``target_index`` [B, P], -1 for padding slots); targets: B dicts {"labels" [n], "masks"
+        bool [n, H, W]}.
 
         Returns weighted scalar losses: loss_{ce,mask,dice} for the final prediction, loss_{ce,mask,dice}_{i}
         for aux prediction i (query init = 0), and with pilot outputs loss_{ce,mask,dice}_pilot[_{i}].
@@ -115,16 +116,20 @@ class SetCriterion(nn.Module):
             logits, embeds = all_logits.float(), all_embeds.float()
             masks = [aux["pred_masks"] for aux in outputs["aux_outputs"]] + [outputs["pred_masks"]]
             indices = self.matcher.match_all(logits[:, :, :num_queries], masks, targets)
-            class_losses = [self.matching_class_losses(logits[:, :, :num_queries], indices, targets)]
+            # (prediction, image, query, segment) of every match
+            matches = np.concatenate([np.stack(np.broadcast_arrays(p, i, queries.numpy(), segments.numpy()))
+                                      for p, per_image in enumerate(indices)
+                                      for i, (queries, segments) in enumerate(per_image)], axis=1)
+            class_losses = [self.matching_class_losses(logits[:, :, :num_queries], matches, targets)]
             # supervised[i]: image i's supervised masks as int [4, m] rows (prediction, query, segment, group)
-            supervised: list[list[np.ndarray]] = [[] for _ in targets]
-            for p, per_image in enumerate(indices):
-                for i, (queries, segments) in enumerate(per_image):
-                    supervised[i].append(np.stack(np.broadcast_arrays(p, queries.numpy(), segments.numpy(), p)))
+            supervised: list[list[np.ndarray]] = []
+            for i in range(len(targets)):
+                pred, _, query, segment = matches[:, matches[1] == i]
+                supervised.append([np.stack((pred, query, segment, pred))])
             if "pilot" in outputs:
                 pilot = outputs["pilot"]
-                valid, target_index = torch.stack((pilot["valid"].long(), pilot["target_index"])).cpu().numpy()
-                batch_idx, slot_idx = valid.nonzero()
+                target_index = pilot["target_index"].cpu().numpy()  # -1 marks padding slots
+                batch_idx, slot_idx = np.nonzero(target_index >= 0)
                 num_pilots = global_count(len(batch_idx), device)
                 groups += [(f"_pilot{s}", num_pilots) for s in suffixes]
                 if self.pilot_class_loss:
@@ -136,10 +141,9 @@ class SetCriterion(nn.Module):
                     slots = slot_idx[batch_idx == i]
                     supervised[i] += [np.stack(np.broadcast_arrays(p, num_queries + slots, target_index[i, slots],
                                                                    num_preds + p)) for p in range(num_preds)]
-            loss_mask, loss_dice = self.mask_losses(
-                outputs["mask_features"].float(), embeds,
-                [np.concatenate(rows, axis=1) if rows else np.zeros((4, 0), np.int64) for rows in supervised],
-                targets, len(groups))
+            loss_mask, loss_dice = self.mask_losses(outputs["mask_features"].float(), embeds,
+                                                    [np.concatenate(rows, axis=1) for rows in supervised],
+                                                    targets, len(groups))
             # one weighting multiply and one unbind for all keys: a tensor op per loss key (and its backward)
             # is host time on a GPU
             names = class_names + [f"loss_mask{s}" for s, _ in groups] + [f"loss_dice{s}" for s, _ in groups]
@@ -148,15 +152,12 @@ class SetCriterion(nn.Module):
             values = torch.cat([*class_losses, loss_mask, loss_dice]) * to_device(np.array(scales, np.float32), device)
         return dict(zip(names, values.unbind()))
 
-    def matching_class_losses(self, logits: Tensor, indices: list[list[tuple[Tensor, Tensor]]],
-                              targets: list[dict[str, Tensor]]) -> Tensor:
+    def matching_class_losses(self, logits: Tensor, matches: np.ndarray, targets: list[dict[str, Tensor]]
+                              ) -> Tensor:
         """Cross-entropy over all queries of each prediction (unmatched -> no object), the weighted mean
-        of F.cross_entropy: logits [L, B, Q, K+1] -> unweighted losses [L]."""
+        of F.cross_entropy: logits [L, B, Q, K+1]; matches int [4, M] (prediction, image, query, segment),
+        copied to the device in one transfer -> unweighted losses [L]."""
         num_preds, b, q = logits.shape[:3]
-        # (prediction, image, query, segment) of every match, one host-to-device copy for all
-        matches = np.concatenate([np.stack(np.broadcast_arrays(p, i, qs.numpy(), ts.numpy()))
-                                  for p, per_image in enumerate(indices) for i, (qs, ts) in enumerate(per_image)]
-                                 + [np.zeros((4, 0), np.int64)], axis=1)
         classes = torch.full((num_preds, b, q), self.num_classes, dtype=torch.int64, device=logits.device)
         if matches.shape[1]:
             where = to_device(matches, logits.device)

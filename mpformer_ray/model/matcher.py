@@ -64,8 +64,8 @@ class HungarianMatcher(nn.Module):
         """L predictions of the same queries at once: logits [L, B, Q, K+1], masks L x [B, Q, h, w] ->
         per prediction, per image (query_idx, target_idx) as ``forward`` returns them.
 
-        All costs are computed on the device and copied to the host in one transfer: a GPU waits for the
-        host once per batch, not once per prediction and image.
+        All costs are computed on the device and copied to the host in one transfer: the host waits for
+        the GPU once per batch, not once per prediction and image.
         """
         num_preds, b, q = logits.shape[:3]
         if b != len(targets):

@@ -101,7 +101,7 @@ class MSDeformAttn(nn.Module):
         weights = weights.softmax(-1).view(b, n_queries, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: normalise by (w, h)
-            normalizer = to_device(spatial_shapes.flip(-1), reference_points.device).to(reference_points.dtype)
+            normalizer = to_device(spatial_shapes.flip(-1), reference_points.device, reference_points.dtype)
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             locations = (reference_points[:, :, None, :, None, :2]
