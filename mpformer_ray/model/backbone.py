@@ -42,6 +42,9 @@ class ResNetBackbone(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         widths = [self._width(layer) for layer in (self.layer1, self.layer2, self.layer3, self.layer4)]
         self.out_channels = {f"res{i + 2}": c for i, c in enumerate(widths)}
+        # channels-last convolutions skip the layout conversions oneDNN (CPU) and cuDNN (tensor cores) make
+        # around NCHW ones; the features stay channels-last, which the pixel decoder flattens without a copy
+        self.to(memory_format=torch.channels_last)
 
     @staticmethod
     def _width(layer: nn.Sequential) -> int:
@@ -55,6 +58,7 @@ class ResNetBackbone(nn.Module):
             p.requires_grad_(False)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         out = {}
         for name, layer in zip(self.out_channels, (self.layer1, self.layer2, self.layer3, self.layer4)):
