@@ -128,7 +128,8 @@ class SetCriterion(nn.Module):
                 supervised.append([np.stack((pred, query, segment, pred))])
             if "pilot" in outputs:
                 pilot = outputs["pilot"]
-                target_index = pilot["target_index"].cpu().numpy()  # -1 marks padding slots
+                # -1 marks padding slots; PilotQueries keeps target_index on the host, so no device wait here
+                target_index = pilot["target_index"].cpu().numpy()
                 batch_idx, slot_idx = np.nonzero(target_index >= 0)
                 num_pilots = global_count(len(batch_idx), device)
                 groups += [(f"_pilot{s}", num_pilots) for s in suffixes]

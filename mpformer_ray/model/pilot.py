@@ -101,7 +101,8 @@ class PilotBatch:
 
     content:        [B, P, C] query features (zero for padding slots)
     labels:         int64 [B, P] true (un-noised) label of the source segment, 0 for padding
-    target_index:   int64 [B, P] index of the source segment in ``targets[b]``, -1 for padding
+    target_index:   int64 [B, P] index of the source segment in ``targets[b]``, -1 for padding; on the host
+                    (CPU) whatever the device
     valid:          bool [B, P] real pilot query (not padding)
     self_attn_mask: bool [B, Q + P, Q + P], True = blocked
     masks:          bool [B, P, H, W] source masks at input resolution after shift / scale noise (padding: empty)
@@ -178,17 +179,18 @@ class PilotQueries(nn.Module):
         b, g = len(targets), self.groups
         counts = [len(t["labels"]) for t in targets]
         n_max = max(counts, default=0)
-        p = g * n_max
-        slot = torch.arange(n_max, device=device)
-        valid_one = to_device(np.arange(n_max)[None, :] < np.array(counts)[:, None], device)  # [B, n_max]
-        valid = valid_one.repeat(1, g)
+        # the layout follows from the counts alone, so it is built on the host: the criterion reads
+        # target_index there, and reading a device copy would make the host wait for the GPU
+        slot = np.tile(np.arange(n_max), g)[None, :]  # [1, P]
+        valid_host = slot < np.array(counts).reshape(b, 1)  # [B, P]
+        target_index = torch.from_numpy(np.where(valid_host, slot, -1))
+        valid = to_device(valid_host, device)
         labels = torch.zeros(b, n_max, dtype=torch.int64, device=device)
         gt = torch.zeros(b, n_max, *image_size, dtype=torch.bool, device=device)
         for i, t in enumerate(targets):
             labels[i, : counts[i]] = t["labels"].to(device)
             gt[i, : counts[i]] = t["masks"].to(device=device, dtype=torch.bool)
         labels = labels.repeat(1, g)
-        target_index = torch.where(valid, slot.repeat(g)[None, :].expand(b, -1), -1)
 
         content = self.label_embed(self.noisy_labels(labels)) * valid[..., None]
         if self.mask_noise in ("shift", "scale"):
