@@ -188,7 +188,7 @@ def memory_worker(name: str, args: argparse.Namespace, device: torch.device) -> 
     for _ in range(args.warmup + 1):
         subject.step()
     _sync(device)
-    result = {"config": name, "params": subject.params}
+    result = {"config": name, "params": subject.params, "ops_per_step": count_ops(subject.step)}
     if device.type == "cuda":
         result["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         result["sync_sites"] = sync_sites(subject.step, device)
@@ -196,6 +196,24 @@ def memory_worker(name: str, args: argparse.Namespace, device: torch.device) -> 
     else:
         result["peak_rss_delta_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     return result
+
+
+def count_ops(fn) -> int:
+    """How many tensor ops (ATen calls that compute, i.e. not views) ``fn`` issues, forward, backward and
+    optimizer together. Where a step is bound by the host issuing kernels (r50 at batch 2 on an H100),
+    each costs host time whatever its size, so this count is the device-independent part of the cost."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    with Count() as counter:
+        fn()
+    return counter.n
 
 
 def sync_sites(fn, device: torch.device) -> dict[str, int]:
@@ -240,7 +258,7 @@ def pilot_breakdown(args: argparse.Namespace, device: torch.device) -> dict:
     (identical with and without pilot, and most of a step): transformer decoder forward, criterion, and
     their backward, from fixed pixel-decoder features, pilot off and G=1 alternating. Seconds, medians."""
     subject = Subject("ours-pilot-g1", args, device)
-    model, cfg = subject.model, subject.cfg
+    model = subject.model
     model.train()
     with torch.no_grad(), subject.autocast():
         mask_features, multi_scale = model.pixel_decoder(model.backbone(subject.images))
@@ -251,10 +269,8 @@ def pilot_breakdown(args: argparse.Namespace, device: torch.device) -> dict:
         _sync(device)
         t0 = time.perf_counter()
         with subject.autocast():
-            pilot = model.pilot(subject.targets, cfg.model.num_queries, subject.images.shape[-2:]) if pilot_on else None
-            out = model.predictor(scales, features, pilot)
-            if pilot is not None:
-                out["pilot"].update(pilot.layout())
+            out = model.decode_features(features, scales, subject.targets if pilot_on else None,
+                                        tuple(subject.images.shape[-2:]))
             _sync(device)
             t1 = time.perf_counter()
             loss = total_loss(model.criterion(out, subject.targets))
@@ -323,6 +339,9 @@ def summarize(results: dict[str, dict]) -> dict:
     g3 = get("ours-pilot-g3", "step_s_median")
     if off and g3:
         out["pilot_g3_overhead"] = g3 / off - 1
+    ops_off, ops_g1 = get("ours-pilot-off", "ops_per_step"), get("ours-pilot-g1", "ops_per_step")
+    if ops_off and ops_g1:
+        out["pilot_g1_added_ops"] = ops_g1 / ops_off - 1
     i_off, i_g1 = get("ours-pilot-off", "infer_s_median"), get("ours-pilot-g1", "infer_s_median")
     if i_off and i_g1:
         out["inference_change"] = i_g1 / i_off - 1
@@ -349,16 +368,16 @@ def print_table(results: dict[str, dict], summary: dict, args: argparse.Namespac
     print(f"\ndevice={args.device} batch={args.batch} size={args.size}^2 amp={args.amp} "
           f"iters={args.iters} warmup={args.warmup}")
     print(f"{'config':<18}{'params':>12}{'step ms (median)':>18}{'img/s':>8}{mem_label:>22}{'infer ms':>12}"
-          f"{'syncs/step':>12}")
+          f"{'ops/step':>10}{'syncs/step':>12}")
     for name, r in results.items():
         infer = f"{1000 * r['infer_s_median']:.1f}" if "infer_s_median" in r else "-"
         print(f"{name:<18}{r['params']:>12,}{1000 * r['step_s_median']:>18.1f}{args.batch / r['step_s_median']:>8.2f}"
-              f"{r.get(mem_key, 0):>22.0f}{infer:>12}{r.get('syncs_per_step', '-'):>12}")
+              f"{r.get(mem_key, 0):>22.0f}{infer:>12}{r.get('ops_per_step', '-'):>10}{r.get('syncs_per_step', '-'):>12}")
     print()
     for key in ("step_vs_peer", "step_vs_peer_paired", "step_vs_peer_pilot_off", "pilot_g1_overhead",
-                "pilot_g1_overhead_paired", "pilot_g3_overhead", "inference_change"):
+                "pilot_g1_overhead_paired", "pilot_g3_overhead", "pilot_g1_added_ops", "inference_change"):
         if summary.get(key) is not None:
-            signed = "overhead" in key or "change" in key  # relative changes print with their sign
+            signed = any(w in key for w in ("overhead", "change", "added"))  # relative changes print with their sign
             print(f"{key:<26}{summary[key]:+.3f}" if signed else f"{key:<26}{summary[key]:.3f}")
     if "pilot_breakdown" in summary:
         b = summary["pilot_breakdown"]

@@ -95,9 +95,16 @@ class MPFormer(nn.Module):
     def _decode(self, images: Tensor, targets: list[Target] | None) -> dict:
         """forward_raw on already padded images and targets."""
         mask_features, multi_scale = self.pixel_decoder(self.backbone(images))
+        return self.decode_features(mask_features, multi_scale, targets, tuple(images.shape[-2:]))
+
+    def decode_features(self, mask_features: Tensor, multi_scale: list[Tensor], targets: list[Target] | None,
+                        image_size: tuple[int, int]) -> dict:
+        """The transformer decoder (with pilot queries in training mode when ``targets`` are given and the
+        pilot is enabled) on pixel-decoder outputs: mask_features [B, mask_dim, H/4, W/4], multi_scale 3 maps
+        [B, hidden_dim, h_l, w_l] (strides 32, 16, 8) of padded images of ``image_size`` = (H, W)."""
         pilot = None
         if self.training and self.pilot is not None and targets is not None:
-            pilot = self.pilot(targets, self.cfg.num_queries, tuple(images.shape[-2:]))
+            pilot = self.pilot(targets, self.cfg.num_queries, image_size)
         out = self.predictor(multi_scale, mask_features, pilot)
         if pilot is not None:
             out["pilot"].update(pilot.layout())
