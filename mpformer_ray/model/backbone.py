@@ -1,7 +1,8 @@
 """Backbones: torchvision ResNets and Swin Transformers returning strides 4/8/16/32.
 
 Every backbone maps ``images [B, 3, H, W]`` to a dict ``{"res2": [B, C2, H/4, W/4], "res3": [B, C3, H/8, W/8],
-"res4": [B, C4, H/16, W/16], "res5": [B, C5, H/32, W/32]}`` and declares ``out_channels`` (name -> channels).
+"res4": [B, C4, H/16, W/16], "res5": [B, C5, H/32, W/32]}`` (channels-last strides) and declares
+``out_channels`` (name -> channels).
 Networks come from torchvision constructors with ``weights=None``; pretrained weights are only ever read
 from the path / URI in ``model.pretrained`` (a torchvision-format state dict), never downloaded.
 """
@@ -88,7 +89,7 @@ class SwinBackbone(nn.Module):
             x = stage(x)  # NHWC
             if i % 2 == 1:
                 level = i // 2
-                out[f"res{level + 2}"] = self.out_norms[level](x).permute(0, 3, 1, 2).contiguous()
+                out[f"res{level + 2}"] = self.out_norms[level](x).permute(0, 3, 1, 2)  # channels-last, as ResNet's
         return out
 
 

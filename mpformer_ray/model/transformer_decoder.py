@@ -129,7 +129,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     def prediction_heads(self, output: Tensor, mask_features: Tensor, attn_size: tuple[int, int]
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """output [B, T, C], mask_features [B, D, H, W] -> class logits [B, T, K+1], mask logits [B, T, H, W]
-        (no gradient), mask embeddings [B, T, D] and the next layer's attention mask bool [B, T, h * w] at
+        (no gradient; channels-last strides), mask embeddings [B, T, D] and the next layer's attention mask bool [B, T, h * w] at
         ``attn_size`` (True = blocked).
 
         The full mask logits only feed matching, attention masks and inference; the losses supervise a
@@ -157,10 +157,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 ) -> dict[str, object]:
         """features: 3 maps [B, C_in, h_l, w_l] at strides 32, 16, 8; mask_features: [B, mask_dim, H/4, W/4].
 
-        Returns {"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H/4, W/4] (no gradient), "mask_embed":
-        [B, Q, mask_dim], "aux_outputs": the query-init prediction and every layer's but the last (same keys),
-        "mask_features": the input, "predictions": {"logits" [L, B, T, K+1], "embeds" [L, B, T, mask_dim]} of
-        all L = layers + 1 predictions and T = Q + P queries (the per-prediction entries are views of these)};
+        Returns {"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H/4, W/4] (no gradient, channels-last
+        strides), "mask_embed": [B, Q, mask_dim], "aux_outputs": the query-init prediction and every layer's
+        but the last (same keys), "mask_features": the input, "predictions": {"logits" [L, B, T, K+1],
+        "embeds" [L, B, T, mask_dim]} of all L = layers + 1 predictions and T = Q + P queries (the
+        per-prediction entries are views of these)};
         with ``pilot``, also "pilot": the same structure as the top level for the P pilot slots.
         """
         if len(features) != NUM_LEVELS:
