@@ -1,7 +1,6 @@
 """Training-step time and peak memory of MP-Former (r50 preset) against Hugging Face's Mask2Former.
 
-Configurations (peak memory: each alone in a fresh subprocess; times: all in one process, round-robin,
-so that machine drift hits each configuration alike):
+Configurations (peak memory: each alone in a fresh subprocess; step times: see "Comparisons" below):
   ours-pilot-off   r50 preset with model.pilot.enabled=false (plain Mask2Former)
   ours-pilot-g1    r50 preset, pilot on, G=1 (the authors' default)
   ours-pilot-g3    r50 preset, pilot on, G=3
@@ -10,7 +9,13 @@ so that machine drift hits each configuration alike):
                    loss weights 2/5/5); needs the benchmark-only extra ``pip install transformers``
 
 A training step is forward + backward + gradient clipping + fused AdamW step on the same random batch (a few
-random masks per image). Eval-mode inference (``model(images)`` including post-processing) is timed for the
+random masks per image).
+
+Comparisons: each goal compares two configurations, and each pair runs in a fresh process of its own,
+alternating step by step so that machine drift (clock boost, neighbours on a shared host) hits both alike:
+pilot off vs G=1, pilot off vs G=3, G=1 vs the peer. One process holding all four models made every
+step slower, and unevenly (on the 2-core CPU, pilot-off steps took 5.4 s beside the other three models
+and 4.9 s beside G=1 alone), so ratios between configurations come from their own pair only. Eval-mode inference (``model(images)`` including post-processing) is timed for the
 pilot-off and pilot-on models, alternating, with identical weights: the pilot must cost nothing at inference,
 and the script checks that both produce identical outputs. Because whole-step times of one configuration
 vary by several percent on a shared machine, the pilot's cost is also measured where it arises: the
@@ -51,6 +56,8 @@ OURS = {
 }
 PEER = "hf-mask2former"
 INFERENCE = ("ours-pilot-off", "ours-pilot-g1")
+# (first, second): each pair's steps are timed in a process of its own; goal ratios are second / first
+PAIRS = (("ours-pilot-off", "ours-pilot-g1"), ("ours-pilot-off", "ours-pilot-g3"), (PEER, "ours-pilot-g1"))
 GOALS = {"step_vs_peer": 0.8, "pilot_g1_overhead": 0.05, "inference_change": 0.03}
 
 
@@ -233,9 +240,9 @@ def sync_sites(fn, device: torch.device) -> dict[str, int]:
 
 
 def timing_worker(names: list[str], args: argparse.Namespace, device: torch.device) -> dict:
-    """Step times of all configurations in one process, round-robin, so that machine drift (clock
-    boost, neighbours on a shared host) hits every configuration alike; then eval-mode inference of
-    pilot-off vs pilot-on G=1, alternating, on the freshly built models (identical inference weights)."""
+    """Step times of the given configurations (a pair, normally) in one process, alternating; with pilot
+    off and G=1 among them, first eval-mode inference of the two, alternating, on the freshly built models
+    (identical inference weights)."""
     subjects = {name: Subject(name, args, device) for name in names}
     results: dict[str, dict] = {name: {} for name in names}
     pair = [subjects[n] for n in INFERENCE if n in subjects]
@@ -323,35 +330,35 @@ def _run_subprocess(worker: str, args: argparse.Namespace, names: list[str]) -> 
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def summarize(results: dict[str, dict]) -> dict:
-    """Goal figures from the per-configuration results (None where a configuration is missing)."""
-    def get(name: str, key: str) -> float | None:
-        return results.get(name, {}).get(key)
+def summarize(results: dict[str, dict], timings: dict[tuple[str, str], dict]) -> dict:
+    """Goal figures, each from the pair of configurations timed together (None where a pair is missing):
+    ratios of medians, and medians of per-round ratios ("_paired": the two steps of a round ran back to
+    back, so drift between rounds cancels; step-to-step noise does not)."""
+    def ratio(first: str, second: str) -> tuple[float, float] | None:
+        t = timings.get((first, second))
+        if not t:
+            return None
+        a, b = t[first]["step_s_all"], t[second]["step_s_all"]
+        return statistics.median(b) / statistics.median(a), statistics.median(y / x for x, y in zip(a, b))
 
     out: dict = {}
-    off, g1 = get("ours-pilot-off", "step_s_median"), get("ours-pilot-g1", "step_s_median")
-    peer = get(PEER, "step_s_median")
-    if g1 and peer:
-        out["step_vs_peer"] = g1 / peer
-        out["step_vs_peer_pilot_off"] = off / peer if off else None
-    if off and g1:
-        out["pilot_g1_overhead"] = g1 / off - 1
-    g3 = get("ours-pilot-g3", "step_s_median")
-    if off and g3:
-        out["pilot_g3_overhead"] = g3 / off - 1
-    ops_off, ops_g1 = get("ours-pilot-off", "ops_per_step"), get("ours-pilot-g1", "ops_per_step")
+    for key, pair, offset in (("step_vs_peer", (PEER, "ours-pilot-g1"), 0.0),
+                              ("pilot_g1_overhead", ("ours-pilot-off", "ours-pilot-g1"), 1.0),
+                              ("pilot_g3_overhead", ("ours-pilot-off", "ours-pilot-g3"), 1.0)):
+        r = ratio(*pair)
+        if r:
+            out[key], out[f"{key}_paired"] = r[0] - offset, r[1] - offset
+    if "step_vs_peer" in out and "pilot_g1_overhead" in out:
+        # off / peer = (off / G=1, from their pair) x (G=1 / peer, from theirs)
+        out["step_vs_peer_pilot_off"] = out["step_vs_peer"] / (1 + out["pilot_g1_overhead"])
+    ops_off = results.get("ours-pilot-off", {}).get("ops_per_step")
+    ops_g1 = results.get("ours-pilot-g1", {}).get("ops_per_step")
     if ops_off and ops_g1:
         out["pilot_g1_added_ops"] = ops_g1 / ops_off - 1
-    i_off, i_g1 = get("ours-pilot-off", "infer_s_median"), get("ours-pilot-g1", "infer_s_median")
+    i_off = results.get("ours-pilot-off", {}).get("infer_s_median")
+    i_g1 = results.get("ours-pilot-g1", {}).get("infer_s_median")
     if i_off and i_g1:
         out["inference_change"] = i_g1 / i_off - 1
-    # the same ratios as medians of per-round ratios: the configurations of one round ran back to back,
-    # so drift of the machine between rounds cancels (it does not cancel step-to-step noise)
-    for key, (num, den) in {"step_vs_peer_paired": ("ours-pilot-g1", PEER),
-                            "pilot_g1_overhead_paired": ("ours-pilot-g1", "ours-pilot-off")}.items():
-        a, b = get(num, "step_s_all"), get(den, "step_s_all")
-        if a and b:
-            out[key] = statistics.median(x / y for x, y in zip(a, b)) - ("overhead" in key)
     out["goals_met"] = {
         "step <= 0.8x peer": out["step_vs_peer"] <= GOALS["step_vs_peer"] if "step_vs_peer" in out else None,
         "pilot G=1 overhead <= 5%": (out["pilot_g1_overhead"] <= GOALS["pilot_g1_overhead"]
@@ -375,7 +382,8 @@ def print_table(results: dict[str, dict], summary: dict, args: argparse.Namespac
               f"{r.get(mem_key, 0):>22.0f}{infer:>12}{r.get('ops_per_step', '-'):>10}{r.get('syncs_per_step', '-'):>12}")
     print()
     for key in ("step_vs_peer", "step_vs_peer_paired", "step_vs_peer_pilot_off", "pilot_g1_overhead",
-                "pilot_g1_overhead_paired", "pilot_g3_overhead", "pilot_g1_added_ops", "inference_change"):
+                "pilot_g1_overhead_paired", "pilot_g3_overhead", "pilot_g3_overhead_paired", "pilot_g1_added_ops",
+                "inference_change"):
         if summary.get(key) is not None:
             signed = any(w in key for w in ("overhead", "change", "added"))  # relative changes print with their sign
             print(f"{key:<26}{summary[key]:+.3f}" if signed else f"{key:<26}{summary[key]:.3f}")
@@ -440,12 +448,21 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         print(f"peak memory: {name} ...", file=sys.stderr, flush=True)
         results[name] = _run_subprocess(name, args, [name])
-    print(f"step and inference times: {', '.join(names)} round-robin in one process ...", file=sys.stderr, flush=True)
-    timing = _run_subprocess("timing", args, names)
-    identical = timing.pop("inference_outputs_identical", None)
+    pairs = [pair for pair in PAIRS if set(pair) <= set(names)]
+    # configurations in no pair (a --configs choice) are timed together
+    alone = [name for name in names if not any(name in pair for pair in pairs)]
+    timings: dict[tuple, dict] = {}
+    for group in pairs + ([tuple(alone)] if alone else []):
+        print(f"step times: {' vs '.join(group)}, alternating in one process ...", file=sys.stderr, flush=True)
+        timings[group] = _run_subprocess("timing", args, list(group))
+    identical = None
     for name in names:
-        results[name].update(timing[name])
-    summary = summarize(results)
+        # a configuration's table figures come from the first process that timed it
+        group = next(g for g in timings if name in g)
+        results[name].update(timings[group][name],
+                             timed_with=[n for n in group if n != name])
+        identical = timings[group].get("inference_outputs_identical", identical)
+    summary = summarize(results, timings)
     summary["inference_outputs_identical"] = identical
     if "ours-pilot-g1" in names and "ours-pilot-off" in names:
         print("pilot G=1 vs off in the decoder, criterion and their backward only ...", file=sys.stderr, flush=True)
@@ -455,7 +472,9 @@ def main(argv: list[str] | None = None) -> None:
     print_table(results, summary, args)
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "worker"}
-        Path(args.json).write_text(json.dumps({"settings": settings, "results": results, "summary": summary}, indent=2))
+        Path(args.json).write_text(json.dumps({"settings": settings, "results": results, "summary": summary,
+                                               "pairs": {" vs ".join(g): t for g, t in timings.items()}},
+                                              indent=2))
 
 
 if __name__ == "__main__":
