@@ -15,7 +15,9 @@ Comparisons: each goal compares two configurations, and each pair runs in a fres
 alternating step by step so that machine drift (clock boost, neighbours on a shared host) hits both alike:
 pilot off vs G=1, pilot off vs G=3, G=1 vs the peer. One process holding all four models made every
 step slower, and unevenly (on the 2-core CPU, pilot-off steps took 5.4 s beside the other three models
-and 4.9 s beside G=1 alone), so ratios between configurations come from their own pair only. Eval-mode inference (``model(images)`` including post-processing) is timed for the
+and 4.9 s beside G=1 alone), so ratios between configurations come from their own pair only. Pilot off
+is timed as the piloted model's own step with its pilot switched off (same weights, same memory): two
+instances of one model differ by up to 3% in speed on a CPU. Eval-mode inference (``model(images)`` including post-processing) is timed for the
 pilot-off and pilot-on models, alternating, with identical weights: the pilot must cost nothing at inference,
 and the script checks that both produce identical outputs. Because whole-step times of one configuration
 vary by several percent on a shared machine, the pilot's cost is also measured where it arises: the
@@ -155,7 +157,14 @@ class Subject:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None)
 
-    def step(self) -> None:
+    def step(self, pilot: bool = True) -> None:
+        """One training step; ``pilot=False`` runs it with this model's pilot queries switched off."""
+        if not pilot and getattr(self.model, "pilot", None) is not None:
+            module, self.model.pilot = self.model.pilot, None
+            try:
+                return self.step()
+            finally:
+                self.model.pilot = module
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
@@ -242,8 +251,18 @@ def sync_sites(fn, device: torch.device) -> dict[str, int]:
 def timing_worker(names: list[str], args: argparse.Namespace, device: torch.device) -> dict:
     """Step times of the given configurations (a pair, normally) in one process, alternating; with pilot
     off and G=1 among them, first eval-mode inference of the two, alternating, on the freshly built models
-    (identical inference weights)."""
-    subjects = {name: Subject(name, args, device) for name in names}
+    (identical inference weights).
+
+    Pilot off against a piloted configuration steps the piloted model itself with its pilot switched off:
+    two model instances with identical weights differ by up to 3% in speed on a CPU (the inference
+    figures of the pair, the same computation twice, show it), which is the size of what is measured."""
+    piloted = next((n for n in names if n in OURS and n != "ours-pilot-off"), None)
+    toggled = "ours-pilot-off" in names and piloted is not None
+    build = [n for n in names if not (toggled and n == "ours-pilot-off" and piloted != INFERENCE[1])]
+    subjects = {name: Subject(name, args, device) for name in build}
+    steppers = {name: subjects[name].step for name in build}
+    if toggled:
+        steppers["ours-pilot-off"] = functools.partial(subjects[piloted].step, pilot=False)
     results: dict[str, dict] = {name: {} for name in names}
     pair = [subjects[n] for n in INFERENCE if n in subjects]
     if len(pair) == 2:
@@ -253,7 +272,7 @@ def timing_worker(names: list[str], args: argparse.Namespace, device: torch.devi
                            args.warmup, args.iters)
         for name, ts in times.items():
             results[name].update(infer_s_median=statistics.median(ts), infer_s_all=ts)
-    steps = _alternate({name: functools.partial(_timed_call, subjects[name].step, device) for name in names},
+    steps = _alternate({name: functools.partial(_timed_call, steppers[name], device) for name in names},
                        args.warmup, args.iters)
     for name, ts in steps.items():
         results[name].update(step_s_median=statistics.median(ts), step_s_mean=statistics.fmean(ts), step_s_all=ts)
