@@ -36,17 +36,15 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
                          f"and {n_levels} sampling levels")
     dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     levels = value.to(dtype).split([h * w for h, w in shapes], dim=1)
-    # points before queries: the weighted sum over points then runs along whole rows of queries (vectorised)
-    # instead of along the innermost 4 points (5-10% of the op's time on a CPU, identical values)
-    grids = (2 * sampling_locations.to(dtype) - 1).permute(0, 2, 3, 4, 1, 5).flatten(0, 1)  # [B*nH, L, P, Lq, 2]
-    weights = attention_weights.to(dtype).permute(0, 2, 3, 4, 1).flatten(0, 1)  # [B*nH, L, P, Lq]
+    grids = 2 * sampling_locations.to(dtype) - 1  # grid_sample wants [-1, 1]
+    weights = attention_weights.to(dtype).transpose(1, 2).flatten(0, 1)  # [B*nH, Lq, L, P]
     out = None
     # weighting and summing level by level avoids materialising all levels' samples at once (faster, less memory)
     for lvl, (h, w) in enumerate(shapes):
         v = levels[lvl].flatten(2).transpose(1, 2).reshape(b * n_heads, head_dim, h, w)
-        sampled = F.grid_sample(v, grids[:, lvl], mode="bilinear", padding_mode="zeros",
-                                align_corners=False)  # [B*nH, Dh, P, Lq]
-        level_out = (sampled * weights[:, None, lvl]).sum(2)  # [B*nH, Dh, Lq]
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # [B*nH, Lq, P, 2]
+        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # [B*nH, Dh, Lq, P]
+        level_out = (sampled * weights[:, None, :, lvl]).sum(-1)  # [B*nH, Dh, Lq]
         out = level_out if out is None else out + level_out
     return out.view(b, n_heads * head_dim, n_queries).transpose(1, 2).to(value.dtype)
 
@@ -103,9 +101,8 @@ class MSDeformAttn(nn.Module):
         weights = weights.softmax(-1).view(b, n_queries, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: normalise by (w, h)
-            scale = to_device(1.0 / spatial_shapes.flip(-1), reference_points.device, reference_points.dtype)
-            locations = torch.addcmul(reference_points[:, :, None, :, None, :], offsets,
-                                      scale[None, None, None, :, None, :])
+            normalizer = to_device(spatial_shapes.flip(-1), reference_points.device, reference_points.dtype)
+            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
