@@ -17,9 +17,11 @@ pilot off vs G=1, pilot off vs G=3, G=1 vs the peer. One process holding all fou
 step slower, and unevenly (on the 2-core CPU, pilot-off steps took 5.4 s beside the other three models
 and 4.9 s beside G=1 alone), so ratios between configurations come from their own pair only. Pilot off
 is timed as the piloted model's own step with its pilot switched off (same weights, same memory): two
-instances of one model differ by up to 3% in speed on a CPU. Eval-mode inference (``model(images)`` including post-processing) is timed for the
-pilot-off and pilot-on models, alternating, with identical weights: the pilot must cost nothing at inference,
-and the script checks that both produce identical outputs. Because whole-step times of one configuration
+instances of one model differ by up to 3% in speed on a CPU.
+
+Eval-mode inference (``model(images)`` including post-processing) is timed for the pilot-off and pilot-on
+models, alternating, with identical weights: the pilot must cost nothing at inference, and the script
+checks that both produce identical outputs. Because whole-step times of one configuration
 vary by several percent on a shared machine, the pilot's cost is also measured where it arises: the
 transformer decoder, the criterion and their backward, from fixed pixel-decoder features, pilot off and
 G=1 alternating.
@@ -398,7 +400,8 @@ def print_table(results: dict[str, dict], summary: dict, args: argparse.Namespac
     for name, r in results.items():
         infer = f"{1000 * r['infer_s_median']:.1f}" if "infer_s_median" in r else "-"
         print(f"{name:<18}{r['params']:>12,}{1000 * r['step_s_median']:>18.1f}{args.batch / r['step_s_median']:>8.2f}"
-              f"{r.get(mem_key, 0):>22.0f}{infer:>12}{r.get('ops_per_step', '-'):>10}{r.get('syncs_per_step', '-'):>12}")
+              f"{r.get(mem_key, 0):>22.0f}{infer:>12}{r.get('ops_per_step', '-'):>10}"
+              f"{r.get('syncs_per_step', '-'):>12}")
     print()
     for key in ("step_vs_peer", "step_vs_peer_paired", "step_vs_peer_pilot_off", "pilot_g1_overhead",
                 "pilot_g1_overhead_paired", "pilot_g3_overhead", "pilot_g3_overhead_paired", "pilot_g1_added_ops",

@@ -129,8 +129,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     def prediction_heads(self, output: Tensor, mask_features: Tensor, attn_size: tuple[int, int]
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """output [B, T, C], mask_features [B, D, H, W] -> class logits [B, T, K+1], mask logits [B, T, H, W]
-        (no gradient; channels-last strides), mask embeddings [B, T, D] and the next layer's attention mask bool [B, T, h * w] at
-        ``attn_size`` (True = blocked).
+        (no gradient; channels-last strides), mask embeddings [B, T, D] and the next layer's attention mask
+        bool [B, T, h * w] at ``attn_size`` (True = blocked).
 
         The full mask logits only feed matching, attention masks and inference; the losses supervise a
         few matched / pilot queries, whose masks the criterion recomputes from the embeddings with
