@@ -59,7 +59,8 @@ class SelfAttentionLayer(nn.Module):
         _xavier_init(self)
 
     def forward(self, tgt: Tensor, attn_mask: Tensor | None, query_pos: Tensor) -> Tensor:
-        """tgt, query_pos: [B, T, C]; attn_mask: bool [B * nhead, T, T], True = blocked."""
+        """tgt, query_pos: [B, T, C]; attn_mask: [B * nhead, T, T], additive float (-inf = blocked) or
+        bool (True = blocked)."""
         q = k = tgt + query_pos
         out = self.attn(q, k, tgt, attn_mask=attn_mask, need_weights=False)[0]
         return self.norm(tgt + self.dropout(out))
@@ -179,7 +180,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         if pilot is not None:
             output = torch.cat((output, pilot.content.to(output.dtype)), dim=1)
             query_pos = torch.cat((query_pos, query_pos.new_zeros(b, pilot.num_slots, query_pos.shape[-1])), dim=1)
-            self_mask = pilot.self_attn_mask.repeat_interleave(self.num_heads, dim=0)
+            # additive (0 / -inf) once, not the bool mask that attention would convert in every layer
+            blocked = pilot.self_attn_mask.repeat_interleave(self.num_heads, dim=0)
+            self_mask = torch.zeros(blocked.shape, dtype=output.dtype, device=blocked.device)
+            self_mask.masked_fill_(blocked, float("-inf"))
 
         predictions = []
         logits, masks, embed, attn_mask = self.prediction_heads(output, mask_features, sizes[0])
