@@ -353,20 +353,25 @@ def _run_subprocess(worker: str, args: argparse.Namespace, names: list[str]) -> 
 
 def summarize(results: dict[str, dict], timings: dict[tuple[str, str], dict]) -> dict:
     """Goal figures, each from the pair of configurations timed together (None where a pair is missing):
-    ratios of medians, and medians of per-round ratios ("_paired": the two steps of a round ran back to
-    back, so drift between rounds cancels; step-to-step noise does not)."""
-    def ratio(first: str, second: str) -> tuple[float, float] | None:
+    ratios of medians, and medians of per-round ratios ("_paired").
+
+    Goals are judged on the paired figures. The two calls of a round run back to back, so a slow phase
+    of the machine that lasts several rounds slows both alike and cancels in their ratio; the ratio of
+    medians does not cancel it. On the H100 virtual machine one configuration's steps ranged from 109 to
+    202 ms within a run, in phases of several rounds, and the ratio of medians put G=3 (strictly more
+    work) below G=1 in two of three runs."""
+    def ratio(first: str, second: str, key: str = "step_s_all") -> tuple[float, float] | None:
         t = timings.get((first, second))
-        if not t:
+        if not t or key not in t[first] or key not in t[second]:
             return None
-        a, b = t[first]["step_s_all"], t[second]["step_s_all"]
+        a, b = t[first][key], t[second][key]
         return statistics.median(b) / statistics.median(a), statistics.median(y / x for x, y in zip(a, b))
 
     out: dict = {}
-    for key, pair, offset in (("step_vs_peer", (PEER, "ours-pilot-g1"), 0.0),
-                              ("pilot_g1_overhead", ("ours-pilot-off", "ours-pilot-g1"), 1.0),
-                              ("pilot_g3_overhead", ("ours-pilot-off", "ours-pilot-g3"), 1.0)):
-        r = ratio(*pair)
+    for key, r, offset in (("step_vs_peer", ratio(PEER, "ours-pilot-g1"), 0.0),
+                           ("pilot_g1_overhead", ratio("ours-pilot-off", "ours-pilot-g1"), 1.0),
+                           ("pilot_g3_overhead", ratio("ours-pilot-off", "ours-pilot-g3"), 1.0),
+                           ("inference_change", ratio(*INFERENCE, key="infer_s_all"), 1.0)):
         if r:
             out[key], out[f"{key}_paired"] = r[0] - offset, r[1] - offset
     if "step_vs_peer" in out and "pilot_g1_overhead" in out:
@@ -376,16 +381,14 @@ def summarize(results: dict[str, dict], timings: dict[tuple[str, str], dict]) ->
     ops_g1 = results.get("ours-pilot-g1", {}).get("ops_per_step")
     if ops_off and ops_g1:
         out["pilot_g1_added_ops"] = ops_g1 / ops_off - 1
-    i_off = results.get("ours-pilot-off", {}).get("infer_s_median")
-    i_g1 = results.get("ours-pilot-g1", {}).get("infer_s_median")
-    if i_off and i_g1:
-        out["inference_change"] = i_g1 / i_off - 1
+
+    def judged(key: str, ok) -> bool | None:
+        return ok(out[f"{key}_paired"]) if f"{key}_paired" in out else None
+
     out["goals_met"] = {
-        "step <= 0.8x peer": out["step_vs_peer"] <= GOALS["step_vs_peer"] if "step_vs_peer" in out else None,
-        "pilot G=1 overhead <= 5%": (out["pilot_g1_overhead"] <= GOALS["pilot_g1_overhead"]
-                                     if "pilot_g1_overhead" in out else None),
-        "inference within 3%": (abs(out["inference_change"]) <= GOALS["inference_change"]
-                                if "inference_change" in out else None),
+        "step <= 0.8x peer": judged("step_vs_peer", lambda v: v <= GOALS["step_vs_peer"]),
+        "pilot G=1 overhead <= 5%": judged("pilot_g1_overhead", lambda v: v <= GOALS["pilot_g1_overhead"]),
+        "inference within 3%": judged("inference_change", lambda v: abs(v) <= GOALS["inference_change"]),
     }
     return out
 
@@ -405,7 +408,7 @@ def print_table(results: dict[str, dict], summary: dict, args: argparse.Namespac
     print()
     for key in ("step_vs_peer", "step_vs_peer_paired", "step_vs_peer_pilot_off", "pilot_g1_overhead",
                 "pilot_g1_overhead_paired", "pilot_g3_overhead", "pilot_g3_overhead_paired", "pilot_g1_added_ops",
-                "inference_change"):
+                "inference_change", "inference_change_paired"):
         if summary.get(key) is not None:
             signed = any(w in key for w in ("overhead", "change", "added"))  # relative changes print with their sign
             print(f"{key:<26}{summary[key]:+.3f}" if signed else f"{key:<26}{summary[key]:.3f}")
@@ -421,7 +424,7 @@ def print_table(results: dict[str, dict], summary: dict, args: argparse.Namespac
     if summary.get("inference_outputs_identical") is not None:
         print(f"inference outputs of pilot-off and pilot-on G=1 identical: {summary['inference_outputs_identical']}")
     for goal, met in summary["goals_met"].items():
-        print(f"goal {goal:<28}{'n/a' if met is None else ('met' if met else 'MISSED')}")
+        print(f"goal {goal:<28}{'n/a' if met is None else ('met' if met else 'MISSED')} (paired figure)")
 
 
 def main(argv: list[str] | None = None) -> None:
