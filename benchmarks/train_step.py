@@ -11,12 +11,13 @@ Configurations (peak memory: each alone in a fresh subprocess; step times: see "
 A training step is forward + backward + gradient clipping + fused AdamW step on the same random batch (a few
 random masks per image).
 
-Comparisons: each goal compares two configurations, and each pair runs in a fresh process of its own,
-alternating step by step so that machine drift (clock boost, neighbours on a shared host) hits both alike:
-pilot off vs G=1, pilot off vs G=3, G=1 vs the peer. One process holding all four models made every
-step slower, and unevenly (on the 2-core CPU, pilot-off steps took 5.4 s beside the other three models
-and 4.9 s beside G=1 alone), so ratios between configurations come from their own pair only. Pilot off
-is timed as the piloted model's own step with its pilot switched off (same weights, same memory): two
+Comparisons: each goal compares two configurations, pilot off vs G=1, pilot off vs G=3 and G=1 vs the
+peer, timed alternating round by round so that machine drift (clock boost, neighbours on a shared host)
+hits both alike. Each model runs in a worker process of its own, as users run one, and the workers take
+turns: alternating two models inside one process changed both models' speed on the 2-core CPU, and
+unevenly (glibc's malloc adapts its mmap threshold to all the allocations it sees; page faults took up
+to half of the peer's step alone and less beside our model, ours more beside the peer). Pilot off is
+timed as the piloted model's own step with its pilot switched off (same weights, same memory): two
 instances of one model differ by up to 3% in speed on a CPU.
 
 Eval-mode inference (``model(images)`` including post-processing) is timed for the pilot-off and pilot-on
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import hashlib
 import json
 import os
 import resource
@@ -186,15 +188,28 @@ class Subject:
             return self.model(self.images)
 
 
-def _same(a, b) -> bool:
-    """Deep equality of nested outputs (dicts / lists / tensors / numbers)."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
+def _digest(outputs) -> str:
+    """SHA-256 of nested outputs (dicts / lists / tensors / numbers): equal digests = bit-identical outputs,
+    comparable across processes."""
+    h = hashlib.sha256()
+
+    def feed(x) -> None:
+        if isinstance(x, torch.Tensor):
+            h.update(f"T{x.dtype}{tuple(x.shape)}".encode())
+            h.update(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for k in sorted(x):
+                h.update(f"K{k}".encode())
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                feed(v)
+        else:
+            h.update(f"V{x!r}".encode())
+
+    feed(outputs)
+    return h.hexdigest()
 
 
 def memory_worker(name: str, args: argparse.Namespace, device: torch.device) -> dict:
@@ -250,32 +265,79 @@ def sync_sites(fn, device: torch.device) -> dict[str, int]:
                                     if "synchroniz" in str(w.message)))
 
 
-def timing_worker(names: list[str], args: argparse.Namespace, device: torch.device) -> dict:
-    """Step times of the given configurations (a pair, normally) in one process, alternating; with pilot
-    off and G=1 among them, first eval-mode inference of the two, alternating, on the freshly built models
-    (identical inference weights).
+def serve(name: str, args: argparse.Namespace, device: torch.device) -> None:
+    """One configuration's model in this process, measured on request: reads one command per line on
+    stdin ("step", "step-nopilot": a training step with the pilot switched off, "infer", "digest": of the
+    inference outputs) and answers each with a "REPLY <json>" line (seconds, or the digest)."""
+    subject = Subject(name, args, device)
+    commands = {"step": subject.step, "step-nopilot": functools.partial(subject.step, pilot=False),
+                "infer": subject.infer}
+    print("READY", flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        reply = _digest(subject.infer()) if command == "digest" else _timed_call(commands[command], device)
+        print("REPLY " + json.dumps(reply), flush=True)
 
-    Pilot off against a piloted configuration steps the piloted model itself with its pilot switched off:
-    two model instances with identical weights differ by up to 3% in speed on a CPU (the inference
-    figures of the pair, the same computation twice, show it), which is the size of what is measured."""
+
+class Server:
+    """A ``serve`` worker process: one configuration's model, stepped when the main process asks."""
+
+    def __init__(self, name: str, args: argparse.Namespace):
+        self.name = name
+        self.proc = subprocess.Popen(_worker_cmd("serve", args, [name]), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        self._read("READY")
+
+    def _read(self, prefix: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        raise SystemExit(f"benchmark worker for {self.name} exited with {self.proc.wait()} (its stderr is above)")
+
+    def call(self, command: str):
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self._read("REPLY "))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def time_group(names: list[str], args: argparse.Namespace) -> dict:
+    """Step times of the given configurations (a pair, normally), alternating round by round, each model
+    in a worker process of its own; with pilot off and G=1 among them, first eval-mode inference of the
+    two, alternating, on freshly built models with identical weights, and whether their outputs are
+    bit-identical.
+
+    One process per model, as users run them: alternating two models inside one process changed both
+    models' speed on a CPU (glibc's malloc adapts its mmap threshold to the allocations it sees, and page
+    faults took up to half of a step), and unevenly. Pilot off against a piloted configuration is the
+    piloted model's own step with its pilot switched off: two instances of one model with identical
+    weights differ by up to 3% in speed on a CPU, which is the size of what is measured."""
     piloted = next((n for n in names if n in OURS and n != "ours-pilot-off"), None)
     toggled = "ours-pilot-off" in names and piloted is not None
-    build = [n for n in names if not (toggled and n == "ours-pilot-off" and piloted != INFERENCE[1])]
-    subjects = {name: Subject(name, args, device) for name in build}
-    steppers = {name: subjects[name].step for name in build}
-    if toggled:
-        steppers["ours-pilot-off"] = functools.partial(subjects[piloted].step, pilot=False)
-    results: dict[str, dict] = {name: {} for name in names}
-    pair = [subjects[n] for n in INFERENCE if n in subjects]
-    if len(pair) == 2:
-        outputs = [s.infer() for s in pair]
-        results["inference_outputs_identical"] = _same(*outputs)
-        times = _alternate({s.name: functools.partial(_timed_call, s.infer, device) for s in pair},
-                           args.warmup, args.iters)
-        for name, ts in times.items():
-            results[name].update(infer_s_median=statistics.median(ts), infer_s_all=ts)
-    steps = _alternate({name: functools.partial(_timed_call, steppers[name], device) for name in names},
-                       args.warmup, args.iters)
+    servers: dict[str, Server] = {}
+    try:
+        for name in names:
+            if not (toggled and name == "ours-pilot-off"):
+                servers[name] = Server(name, args)
+        results: dict = {name: {} for name in names}
+        if set(INFERENCE) <= set(names):  # then pilot off is toggled, and its own model serves inference only
+            servers["ours-pilot-off"] = Server("ours-pilot-off", args)
+            pair = [servers[n] for n in INFERENCE]
+            results["inference_outputs_identical"] = len({s.call("digest") for s in pair}) == 1
+            times = _alternate({s.name: functools.partial(s.call, "infer") for s in pair}, args.warmup, args.iters)
+            for name, ts in times.items():
+                results[name].update(infer_s_median=statistics.median(ts), infer_s_all=ts)
+            servers.pop("ours-pilot-off").close()  # frees its memory before the steps
+        measures = {name: functools.partial(servers[name].call, "step") for name in servers}
+        if toggled:
+            measures["ours-pilot-off"] = functools.partial(servers[piloted].call, "step-nopilot")
+        steps = _alternate(measures, args.warmup, args.iters)
+    finally:
+        for server in servers.values():
+            server.close()
     for name, ts in steps.items():
         results[name].update(step_s_median=statistics.median(ts), step_s_mean=statistics.fmean(ts), step_s_all=ts)
     return results
@@ -340,11 +402,14 @@ def profile(name: str, args: argparse.Namespace, device: torch.device) -> None:
               flush=True)
 
 
+def _worker_cmd(worker: str, args: argparse.Namespace, names: list[str]) -> list[str]:
+    return [sys.executable, __file__, "--worker", worker, "--device", args.device, "--size", str(args.size),
+            "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
+            "--amp", args.amp, "--configs", *names]
+
+
 def _run_subprocess(worker: str, args: argparse.Namespace, names: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--worker", worker, "--device", args.device, "--size", str(args.size),
-           "--batch", str(args.batch), "--iters", str(args.iters), "--warmup", str(args.warmup),
-           "--amp", args.amp, "--configs", *names]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(_worker_cmd(worker, args, names), stdout=subprocess.PIPE, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise SystemExit(f"benchmark worker {worker} exited with {proc.returncode} (its stderr is above)")
@@ -457,8 +522,8 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     names = args.configs or [*OURS] + ([] if args.no_peer else [PEER])
-    if args.worker == "timing":
-        print("RESULT " + json.dumps(timing_worker(names, args, device)), flush=True)
+    if args.worker == "serve":
+        serve(names[0], args, device)
         return
     if args.worker == "pilot-breakdown":
         print("RESULT " + json.dumps(pilot_breakdown(args, device)), flush=True)
@@ -478,8 +543,8 @@ def main(argv: list[str] | None = None) -> None:
     alone = [name for name in names if not any(name in pair for pair in pairs)]
     timings: dict[tuple, dict] = {}
     for group in pairs + ([tuple(alone)] if alone else []):
-        print(f"step times: {' vs '.join(group)}, alternating in one process ...", file=sys.stderr, flush=True)
-        timings[group] = _run_subprocess("timing", args, list(group))
+        print(f"step times: {' vs '.join(group)}, alternating ...", file=sys.stderr, flush=True)
+        timings[group] = time_group(list(group), args)
     identical = None
     for name in names:
         # a configuration's table figures come from the first process that timed it
