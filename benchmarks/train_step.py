@@ -62,7 +62,8 @@ OURS = {
 }
 PEER = "hf-mask2former"
 INFERENCE = ("ours-pilot-off", "ours-pilot-g1")
-# (first, second): each pair's steps are timed in a process of its own; goal ratios are second / first
+# (first, second): each pair's steps are timed alternating, each model in its worker process; goal ratios
+# are second / first
 PAIRS = (("ours-pilot-off", "ours-pilot-g1"), ("ours-pilot-off", "ours-pilot-g3"), (PEER, "ours-pilot-g1"))
 GOALS = {"step_vs_peer": 0.8, "pilot_g1_overhead": 0.05, "inference_change": 0.03}
 
@@ -308,13 +309,8 @@ def time_group(names: list[str], args: argparse.Namespace) -> dict:
     """Step times of the given configurations (a pair, normally), alternating round by round, each model
     in a worker process of its own; with pilot off and G=1 among them, first eval-mode inference of the
     two, alternating, on freshly built models with identical weights, and whether their outputs are
-    bit-identical.
-
-    One process per model, as users run them: alternating two models inside one process changed both
-    models' speed on a CPU (glibc's malloc adapts its mmap threshold to the allocations it sees, and page
-    faults took up to half of a step), and unevenly. Pilot off against a piloted configuration is the
-    piloted model's own step with its pilot switched off: two instances of one model with identical
-    weights differ by up to 3% in speed on a CPU, which is the size of what is measured."""
+    bit-identical. Pilot off against a piloted configuration is the piloted model's own step with its
+    pilot switched off. Why one process per model and the toggle: "Comparisons" in the module docstring."""
     piloted = next((n for n in names if n in OURS and n != "ours-pilot-off"), None)
     toggled = "ours-pilot-off" in names and piloted is not None
     servers: dict[str, Server] = {}
@@ -547,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
         timings[group] = time_group(list(group), args)
     identical = None
     for name in names:
-        # a configuration's table figures come from the first process that timed it
+        # a configuration's table figures come from the first group that timed it
         group = next(g for g in timings if name in g)
         results[name].update(timings[group][name],
                              timed_with=[n for n in group if n != name])
