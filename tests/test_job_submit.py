@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -102,6 +103,7 @@ def ray_head(tmp_path_factory):
                 os.killpg(head.pid, signal.SIGKILL)
                 head.wait()
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)  # outside the test's tmp_path, so nothing else removes it
 
 
 def _submit(ray_head, env: dict, entrypoint: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
