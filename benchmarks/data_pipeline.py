@@ -20,9 +20,11 @@ step rate of ``--step-images-per-s`` images/s (take it from benchmarks/train_ste
 from __future__ import annotations
 
 import argparse
+import atexit
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -92,9 +94,12 @@ def main() -> None:
     ap.add_argument("--cpus-per-task", type=float, default=1.0, help="Ray Data decode task CPU request")
     ap.add_argument("--step-images-per-s", type=float, default=0.0,
                     help="training throughput of one GPU (images/s) to size the CPU feed for")
-    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--workdir", default=None, help="where the records go (default: a temp dir removed at exit)")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args()
+    if args.images * args.epochs < 2 * args.batch_size:
+        ap.error(f"--images x --epochs ({args.images} x {args.epochs}) must give at least two batches of "
+                 f"--batch-size {args.batch_size}: the steady rate is timed from the second batch on")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import ray
     import torch
@@ -104,6 +109,8 @@ def main() -> None:
     torch.set_num_threads(1)
     width, height = (int(v) for v in args.size.lower().split("x"))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mpformer-data-bench-"))
+    if not args.workdir:
+        atexit.register(shutil.rmtree, workdir, True)
     uri = make_records(workdir, args.images, height, width, args.cpus)
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)

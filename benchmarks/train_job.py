@@ -19,10 +19,12 @@ the windows where Ray Data restarts its streaming split at an epoch boundary.
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -176,13 +178,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override for every run (repeatable)")
     p.add_argument("--period", type=float, default=1.0, help="memory sampling period, seconds")
-    p.add_argument("--workdir", default=None, help="checkpoints and logs (default: a temp dir)")
+    p.add_argument("--workdir", default=None, help="checkpoints and logs (default: a temp dir whose checkpoints are removed at exit)")
     p.add_argument("--json", default=None, help="write all figures to this JSON file")
     args = p.parse_args(argv)
     if not Path("/proc/self/smaps_rollup").exists():
         p.error("needs Linux /proc/<pid>/smaps_rollup to measure PSS")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mpformer-train-job-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    if not args.workdir:  # the checkpoints (~250 MiB a run) are a by-product here; the logs stay
+        atexit.register(shutil.rmtree, workdir / "runs", True)
     storage = [f"storage.uri={workdir / 'runs'}"]
 
     runs: dict[str, dict] = {}
