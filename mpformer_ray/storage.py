@@ -46,6 +46,16 @@ def endpoint_for(endpoint_url: str | None = None) -> str | None:
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+def absolute(uri: str | None) -> str | None:
+    """A local path made absolute against this process's working directory; ``s3://`` URIs,
+    ``""`` and None unchanged. The driver applies it to every URI it hands to Ray workers,
+    because Ray Train runs them in a directory of its own (``/tmp/ray/session_*/artifacts/...``)
+    where a relative path would silently name somewhere else."""
+    if not uri or is_s3(uri) or "://" in str(uri):
+        return uri
+    return str(Path(uri).expanduser().resolve())
+
+
 def resolve(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
     """URI -> (pyarrow filesystem, path inside it)."""
     uri = str(uri)
@@ -57,7 +67,7 @@ def resolve(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem,
         return _s3(endpoint_for(endpoint_url), region), path
     if "://" in uri:
         raise StorageError(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/prefix")
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    return pafs.LocalFileSystem(), absolute(uri)
 
 
 def _wrap(uri: str, err: Exception) -> StorageError:

@@ -53,9 +53,9 @@ def train_command(s3_data: dict, run_name: str, *overrides: str) -> list[str]:
     return [sys.executable, str(REPO / "jobs" / "train.py")] + [a for s in sets for a in ("--set", s)]
 
 
-def run_job(cmd: list[str], timeout: float) -> str:
+def run_job(cmd: list[str], timeout: float, cwd: Path = REPO) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout + proc.stderr
 
@@ -127,3 +127,20 @@ def test_killed_driver_resumes_from_latest_checkpoint(s3_data):
     run_job(cmd, timeout=480)
     ckpt = load_checkpoint(latest_checkpoint(run))
     assert ckpt["iteration"] == 30 and ckpt["starts"] == [0, killed_at]
+
+
+def test_relative_local_paths_mean_the_launch_directory(tmp_path):
+    """Ray Train runs its workers in a directory of its own: relative data and storage paths
+    (the default storage.uri is ./runs) must still name the directory the job was started in."""
+    cfg = load_config("tiny", [f"data.synthetic.root={tmp_path / 'synthetic'}", "data.synthetic.num_train=16",
+                               "data.synthetic.num_val=4", "data.synthetic.image_size=64"])
+    train, val = (os.path.relpath(p, tmp_path) for p in ensure_synthetic(cfg.data.synthetic))
+    sets = TINY + [f"data.train={train}", f"data.val={val}", "storage.uri=runs", "run.name=rel",
+                   "train.max_iters=10", "train.eval_period=10"]
+    out = run_job([sys.executable, str(REPO / "jobs" / "train.py")] + [a for s in sets for a in ("--set", s)],
+                  timeout=300, cwd=tmp_path)
+    checkpoint = tmp_path / "runs" / "rel" / "checkpoints" / "model_0000010.pth"
+    assert checkpoint.is_file(), out[-3000:]
+    assert f"latest:       {checkpoint}" in out
+    # the workers' evaluation read data.val (relative on the command line) and its metrics reached the pointer
+    assert CheckpointStore(str(tmp_path / "runs" / "rel")).pointer()["metrics"]["num_images"] == 4

@@ -41,7 +41,7 @@ class PreflightError(ValueError):
 class TrainPlan:
     """Everything the workers need, checked on the driver before any worker starts."""
 
-    cfg: Config  # with data.train / data.val resolved and model.thing_classes filled
+    cfg: Config  # local URIs absolute, data.train / data.val resolved, model.thing_classes filled
     run_uri: str
     endpoint_url: str | None
     classes: list[dict]
@@ -86,6 +86,9 @@ def preflight(cfg: Config) -> TrainPlan:
     if not cfg.data.train:
         train_uri, val_uri = ensure_synthetic(cfg.data.synthetic)
         cfg.data.train, cfg.data.val = train_uri, cfg.data.val or val_uri
+    for section, name in (("storage", "uri"), ("data", "train"), ("data", "val"), ("model", "pretrained")):
+        part = getattr(cfg, section)
+        setattr(part, name, storage.absolute(getattr(part, name)))
 
     run = run_uri(cfg)
     try:
