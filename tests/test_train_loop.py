@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -113,7 +114,7 @@ def test_amp_resolution_on_cpu():
     assert resolve_amp("bf16", cpu) is torch.bfloat16
 
 
-def test_loop_trains_checkpoints_and_resumes(records, tmp_path):
+def test_loop_trains_checkpoints_and_resumes(records, tmp_path, caplog):
     cfg = tiny_cfg(records, tmp_path, "train.max_iters=4", "train.checkpoint_period=2", "train.log_period=2",
                    "train.keep_checkpoints=5")
     store = CheckpointStore(str(tmp_path / "runs" / "unit"), keep=cfg.train.keep_checkpoints)
@@ -142,6 +143,13 @@ def test_loop_trains_checkpoints_and_resumes(records, tmp_path):
     assert resumed["iteration"] == 6 and resumed["starts"] == [0, 4]
     assert {s["step"].item() for s in resumed["optimizer"]["state"].values()} == {6.0}
     assert resumed["scheduler"]["last_epoch"] == 6
+
+    # rerunning a finished run trains nothing, returns its final metrics and says how to go on
+    reports = []
+    with caplog.at_level("INFO", logger="mpformer_ray.train.loop"):
+        assert run_loop(cfg6, records, store, reports) == resumed["metrics"]
+    assert reports == [] and latest_checkpoint(store.run_uri).endswith("model_0000006.pth")
+    assert "raise train.max_iters" in caplog.text and store.run_uri in caplog.text
 
     model, loaded_cfg, classes = load_model(store.run_uri)
     assert not model.training and loaded_cfg.train.max_iters == 6 and classes == ckpt["classes"]
@@ -211,11 +219,18 @@ def test_s3_outage_during_checkpoint_upload_fails_loudly(tmp_path, monkeypatch):
         proc.kill()
 
 
-def test_preflight_fills_thing_classes_and_names_bad_fields(records, tmp_path):
+def test_preflight_fills_thing_classes_and_names_bad_fields(records, tmp_path, monkeypatch):
     plan = preflight(tiny_cfg(records, tmp_path, "model.thing_classes=null"))
     things = [c["id"] for c in plan.classes if c["isthing"]]
     assert plan.cfg.model.thing_classes == things and things
     assert plan.run_uri == str(tmp_path / "runs" / "unit") and plan.tasks == ["panoptic", "instance", "semantic"]
+
+    # relative local paths mean the driver's working directory, whatever directory Ray gives its workers
+    monkeypatch.chdir(tmp_path)
+    relative = [f"data.{split}={os.path.relpath(records[split], tmp_path)}" for split in ("train", "val")]
+    plan = preflight(tiny_cfg(records, tmp_path, "storage.uri=rel-runs", *relative))
+    assert plan.run_uri == str(tmp_path / "rel-runs" / "unit")
+    assert (plan.cfg.data.train, plan.cfg.data.val) == (records["train"], records["val"])
 
     with pytest.raises(PreflightError, match=r"model\.num_classes=7.*num_classes=6"):
         preflight(tiny_cfg(records, tmp_path, "model.num_classes=7"))

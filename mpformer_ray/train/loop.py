@@ -183,7 +183,9 @@ def train_loop(
     starts.append(start)
     if start >= t.max_iters:
         if rank == 0:
-            log.info("run already finished (iteration %d >= train.max_iters %d)", start, t.max_iters)
+            log.info("run already finished (iteration %d >= train.max_iters %d): raise train.max_iters to "
+                     "continue it, or set another run.name (or delete %s) to train from scratch",
+                     start, t.max_iters, store.run_uri)
         return dict(ckpt["metrics"])
 
     images_per_iter = t.batch_size * world_size
