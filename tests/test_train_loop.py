@@ -219,7 +219,7 @@ def test_s3_outage_during_checkpoint_upload_fails_loudly(tmp_path, monkeypatch):
         proc.kill()
 
 
-def test_preflight_fills_thing_classes_and_names_bad_fields(records, tmp_path, monkeypatch):
+def test_preflight_fills_thing_classes_and_names_bad_fields(records, tmp_path, monkeypatch, caplog):
     plan = preflight(tiny_cfg(records, tmp_path, "model.thing_classes=null"))
     things = [c["id"] for c in plan.classes if c["isthing"]]
     assert plan.cfg.model.thing_classes == things and things
@@ -231,6 +231,13 @@ def test_preflight_fills_thing_classes_and_names_bad_fields(records, tmp_path, m
     plan = preflight(tiny_cfg(records, tmp_path, "storage.uri=rel-runs", *relative))
     assert plan.run_uri == str(tmp_path / "rel-runs" / "unit")
     assert (plan.cfg.data.train, plan.cfg.data.val) == (records["train"], records["val"])
+    # under `ray job submit --working-dir`, the default ./runs would land in Ray's temporary copy
+    job_dir = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0"
+    job_dir.mkdir(parents=True)
+    monkeypatch.chdir(job_dir)
+    with caplog.at_level("WARNING", logger="mpformer_ray.train.trainer"):
+        preflight(tiny_cfg(records, tmp_path, "storage.uri=./runs"))
+    assert f"storage.uri={job_dir / 'runs'} lies inside this Ray job's copy" in caplog.text
 
     with pytest.raises(PreflightError, match=r"model\.num_classes=7.*num_classes=6"):
         preflight(tiny_cfg(records, tmp_path, "model.num_classes=7"))

@@ -89,6 +89,10 @@ def preflight(cfg: Config) -> TrainPlan:
     for section, name in (("storage", "uri"), ("data", "train"), ("data", "val"), ("model", "pretrained")):
         part = getattr(cfg, section)
         setattr(part, name, storage.absolute(getattr(part, name)))
+    if "/runtime_resources/working_dir_files/" in cfg.storage.uri:
+        log.warning("storage.uri=%s lies inside this Ray job's copy of --working-dir, which Ray deletes "
+                    "when the job's files are garbage-collected: checkpoints there will be lost. Fix: set "
+                    "storage.uri to an s3:// URI or an absolute path outside it", cfg.storage.uri)
 
     run = run_uri(cfg)
     try:
