@@ -51,7 +51,7 @@ def absolute(uri: str | None) -> str | None:
     ``""`` and None unchanged. The driver applies it to every URI it hands to Ray workers,
     because Ray Train runs them in a directory of its own (``/tmp/ray/session_*/artifacts/...``)
     where a relative path would silently name somewhere else."""
-    if not uri or is_s3(uri) or "://" in str(uri):
+    if not uri or "://" in uri:
         return uri
     return str(Path(uri).expanduser().resolve())
 

@@ -34,23 +34,33 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def s3_data(moto_server, tmp_path_factory) -> dict:
-    """The synthetic dataset (16 train / 4 val images at 64 px) copied into the moto bucket."""
+def local_data(tmp_path_factory) -> dict:
+    """The synthetic dataset (16 train / 4 val images at 64 px) on local disk: {"train": dir, "val": dir}."""
     root = tmp_path_factory.mktemp("synthetic")
     cfg = load_config("tiny", [f"data.synthetic.root={root}", "data.synthetic.num_train=16",
                                "data.synthetic.num_val=4", "data.synthetic.image_size=64"])
+    return dict(zip(("train", "val"), ensure_synthetic(cfg.data.synthetic)))
+
+
+@pytest.fixture(scope="module")
+def s3_data(moto_server, local_data) -> dict:
+    """local_data copied into the moto bucket."""
     uris = {}
-    for split, local in zip(("train", "val"), ensure_synthetic(cfg.data.synthetic)):
+    for split, local in local_data.items():
         uris[split] = f"s3://{moto_server['bucket']}/data/{split}"
         for name in storage.listdir(local):
             storage.write_bytes(storage.join(uris[split], name), storage.read_bytes(storage.join(local, name)))
     return {**uris, "storage": f"s3://{moto_server['bucket']}/runs"}
 
 
+def train_argv(*sets: str) -> list[str]:
+    """jobs/train.py with the TINY model and the given ``key=value`` overrides."""
+    return [sys.executable, str(REPO / "jobs" / "train.py")] + [a for s in TINY + list(sets) for a in ("--set", s)]
+
+
 def train_command(s3_data: dict, run_name: str, *overrides: str) -> list[str]:
-    sets = TINY + [f"data.train={s3_data['train']}", f"data.val={s3_data['val']}",
-                   f"storage.uri={s3_data['storage']}", f"run.name={run_name}", *overrides]
-    return [sys.executable, str(REPO / "jobs" / "train.py")] + [a for s in sets for a in ("--set", s)]
+    return train_argv(f"data.train={s3_data['train']}", f"data.val={s3_data['val']}",
+                      f"storage.uri={s3_data['storage']}", f"run.name={run_name}", *overrides)
 
 
 def run_job(cmd: list[str], timeout: float, cwd: Path = REPO) -> str:
@@ -129,16 +139,12 @@ def test_killed_driver_resumes_from_latest_checkpoint(s3_data):
     assert ckpt["iteration"] == 30 and ckpt["starts"] == [0, killed_at]
 
 
-def test_relative_local_paths_mean_the_launch_directory(tmp_path):
+def test_relative_local_paths_mean_the_launch_directory(local_data, tmp_path):
     """Ray Train runs its workers in a directory of its own: relative data and storage paths
     (the default storage.uri is ./runs) must still name the directory the job was started in."""
-    cfg = load_config("tiny", [f"data.synthetic.root={tmp_path / 'synthetic'}", "data.synthetic.num_train=16",
-                               "data.synthetic.num_val=4", "data.synthetic.image_size=64"])
-    train, val = (os.path.relpath(p, tmp_path) for p in ensure_synthetic(cfg.data.synthetic))
-    sets = TINY + [f"data.train={train}", f"data.val={val}", "storage.uri=runs", "run.name=rel",
-                   "train.max_iters=10", "train.eval_period=10"]
-    out = run_job([sys.executable, str(REPO / "jobs" / "train.py")] + [a for s in sets for a in ("--set", s)],
-                  timeout=300, cwd=tmp_path)
+    train, val = (os.path.relpath(local_data[split], tmp_path) for split in ("train", "val"))
+    out = run_job(train_argv(f"data.train={train}", f"data.val={val}", "storage.uri=runs", "run.name=rel",
+                             "train.max_iters=10", "train.eval_period=10"), timeout=300, cwd=tmp_path)
     checkpoint = tmp_path / "runs" / "rel" / "checkpoints" / "model_0000010.pth"
     assert checkpoint.is_file(), out[-3000:]
     assert f"latest:       {checkpoint}" in out

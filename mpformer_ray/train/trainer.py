@@ -86,9 +86,9 @@ def preflight(cfg: Config) -> TrainPlan:
     if not cfg.data.train:
         train_uri, val_uri = ensure_synthetic(cfg.data.synthetic)
         cfg.data.train, cfg.data.val = train_uri, cfg.data.val or val_uri
-    for section, name in (("storage", "uri"), ("data", "train"), ("data", "val"), ("model", "pretrained")):
-        part = getattr(cfg, section)
-        setattr(part, name, storage.absolute(getattr(part, name)))
+    cfg.storage.uri = storage.absolute(cfg.storage.uri)
+    cfg.data.train, cfg.data.val = storage.absolute(cfg.data.train), storage.absolute(cfg.data.val)
+    cfg.model.pretrained = storage.absolute(cfg.model.pretrained)
     if "/runtime_resources/working_dir_files/" in cfg.storage.uri:
         log.warning("storage.uri=%s lies inside this Ray job's copy of --working-dir, which Ray deletes "
                     "when the job's files are garbage-collected: checkpoints there will be lost. Fix: set "
