@@ -9,7 +9,8 @@ import torch
 import torchvision
 
 from mpformer_ray.config import load_config
-from mpformer_ray.model.backbone import build_backbone
+from mpformer_ray.model import build_model
+from mpformer_ray.model.backbone import build_backbone, group_norm
 from mpformer_ray.model.ms_deform_attn import MSDeformAttn, ms_deform_attn
 from mpformer_ray.model.pixel_decoder import MSDeformAttnPixelDecoder
 from mpformer_ray.model.position_encoding import PositionEmbeddingSine
@@ -73,6 +74,7 @@ def test_ms_deform_attn_matches_naive_bilinear_reference():
 
 
 def test_ms_deform_attn_module_under_bf16_autocast():
+    torch.manual_seed(0)
     attn = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=2)
     shapes = torch.tensor([[4, 6], [2, 3]])
     src = torch.randn(2, 30, 32)
@@ -95,6 +97,7 @@ def test_position_embedding_sine():
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "swin_t"])
 def test_backbone_strides_and_channels(backbone):
     cfg = load_config("tiny", [f"model.backbone={backbone}"]).model
+    torch.manual_seed(0)
     net = build_backbone(cfg).eval()
     with torch.no_grad():
         feats = net(torch.randn(1, 3, 64, 96))
@@ -143,13 +146,37 @@ def test_pixel_decoder_shapes_and_gradients():
     assert not no_grad, no_grad
 
 
-def test_pixel_decoder_under_bf16_autocast():
-    cfg = load_config("tiny").model
-    backbone = build_backbone(cfg)
-    decoder = MSDeformAttnPixelDecoder(cfg, backbone.out_channels)
+def test_group_norm_runs_in_fp32_under_bf16_autocast():
+    # res5 of resnet18 at a 64x32 image: each of the 32 groups averages 16 channels x 2 pixels
+    norm = group_norm(512)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g)
+        norm.bias.normal_(generator=g)
+    x = torch.randn(1, 512, 2, 1, generator=g).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        mask_features, multi_scale = decoder(backbone(torch.randn(1, 3, 64, 32)))
-    assert mask_features.shape == (1, cfg.mask_dim, 16, 8) and torch.isfinite(mask_features.float()).all()
+        y = norm(x)
+    want = torch.nn.functional.group_norm(x.float(), 32, norm.weight, norm.bias, norm.eps)
+    assert y.dtype == torch.float32 and torch.equal(y, want)
+
+
+@pytest.mark.parametrize("hw", [(64, 32), (32, 32), (20, 90), (128, 96)])
+def test_tiny_model_stays_finite_under_bf16_autocast(hw):
+    """Every map of the backbone, pixel decoder and decoder stays finite under bf16 autocast, down to the
+    1x1 / 2x1 res5 of the smallest inputs (padded to model.size_divisibility), for several initialisations."""
+    cfg = load_config("tiny")
+    for seed in range(6):
+        torch.manual_seed(seed)
+        model = build_model(cfg).eval()
+        images, _ = model.pad(torch.randn(1, 3, *hw))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            feats = model.backbone(images)
+            mask_features, multi_scale = model.pixel_decoder(feats)
+            raw = model.decode_features(mask_features, multi_scale, None, tuple(images.shape[-2:]))
+        maps = {**feats, "mask_features": mask_features, **{f"multi_scale[{i}]": m for i, m in enumerate(multi_scale)},
+                "pred_logits": raw["pred_logits"], "pred_masks": raw["pred_masks"]}
+        bad = [name for name, m in maps.items() if not torch.isfinite(m.float()).all()]
+        assert not bad, f"seed {seed}, input {hw} (padded {tuple(images.shape[-2:])}): non-finite {bad}"
 
 
 def test_load_pretrained_resnet18_from_local_file(tmp_path):

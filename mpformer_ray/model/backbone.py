@@ -13,6 +13,7 @@ import io
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
@@ -26,10 +27,25 @@ _SWINS = {"swin_t": torchvision.models.swin_t, "swin_s": torchvision.models.swin
           "swin_b": torchvision.models.swin_b}
 
 
-def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with the largest group count <= ``max_groups`` that divides ``channels``."""
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 whatever the input's dtype: [B, C, H, W] (any dtype) -> fp32 [B, C, H, W].
+
+    A group's statistics average (C / groups) x H x W values, and at the coarse levels of a small input that
+    is a handful (16 channels x 2 pixels for resnet18's res5 at a 64x32 image). CUDA autocast already runs
+    group_norm in fp32 and returns fp32; CPU autocast runs it in the input's dtype (bf16 in, bf16 out). Doing
+    it in fp32 here gives every device the same numerics; the next convolution casts back under autocast.
+    The parameters keep nn.GroupNorm's names, so state dicts are unchanged.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps)
+
+
+def group_norm(channels: int, max_groups: int = 32) -> GroupNorm32:
+    """GroupNorm (fp32, see GroupNorm32) with the largest group count <= ``max_groups`` that divides ``channels``."""
     groups = next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
+    return GroupNorm32(groups, channels)
 
 
 class ResNetBackbone(nn.Module):
