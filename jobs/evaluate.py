@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mpformer_ray import storage  # noqa: E402
-from mpformer_ray.config import ConfigError  # noqa: E402
+from mpformer_ray.config import ConfigError, add_override_argument  # noqa: E402
 from mpformer_ray.data.records import DataError  # noqa: E402
 from mpformer_ray.log import setup_logging  # noqa: E402
 
@@ -31,8 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint .pth file or run directory (its latest checkpoint); local or s3://")
     p.add_argument("--data", default=None, help="prepared split to evaluate on (default: the config's data.val)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the checkpoint's config (repeatable)")
+    add_override_argument(p, of="the checkpoint's config")
     p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images (0 = all)")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (else storage.endpoint_url, AWS_ENDPOINT_URL)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")

@@ -2,6 +2,7 @@
 
     python jobs/predict.py --checkpoint runs/tiny-synthetic --out predictions/ photo.jpg street.png
     python jobs/predict.py --checkpoint s3://bucket/runs/r50 --out s3://bucket/predictions img/*.jpg
+    python jobs/predict.py --checkpoint runs/tiny-synthetic photo.jpg --set model.test.object_mask_threshold=0.5
 
 Per image NAME.ext, under --out: NAME_overlay.png (segments blended in colour with class names
 and scores), NAME_sem_seg.png (uint8 label map), NAME_panoptic.png + NAME_panoptic.json (COCO
@@ -19,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mpformer_ray import storage  # noqa: E402
-from mpformer_ray.config import ConfigError  # noqa: E402
+from mpformer_ray.config import ConfigError, add_override_argument  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,8 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint .pth file or run directory (its latest checkpoint); local or s3://")
     p.add_argument("--out", default="predictions", help="output directory or s3://bucket/prefix (default: %(default)s)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the checkpoint's config, e.g. model.test.object_mask_threshold=0.5")
+    add_override_argument(p, of="the checkpoint's config")
     p.add_argument("--score-threshold", type=float, default=0.5,
                    help="overlay: lowest instance score drawn when the model predicts no panoptic output")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (else AWS_ENDPOINT_URL)")

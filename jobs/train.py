@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mpformer_ray import storage  # noqa: E402
-from mpformer_ray.config import DEFAULT_PRESET, ConfigError, load_config  # noqa: E402
+from mpformer_ray.config import ConfigError, add_config_arguments, load_config  # noqa: E402
 from mpformer_ray.data.records import DataError  # noqa: E402
 from mpformer_ray.log import setup_logging  # noqa: E402
 from mpformer_ray.train import PreflightError, latest_checkpoint, run_training  # noqa: E402
@@ -26,9 +26,7 @@ from mpformer_ray.train.checkpoint import CheckpointStore  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_PRESET, help="preset name or YAML path (default: %(default)s)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set train.max_iters=100 (repeatable)")
+    add_config_arguments(parser)
     parser.add_argument("--address", default=None,
                         help="Ray address (default: RAY_ADDRESS, else start a local Ray)")
     return parser.parse_args(argv)

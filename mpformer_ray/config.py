@@ -10,6 +10,8 @@ YAML presets may say ``base: other_preset`` to start from another preset.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import dataclasses
 import types
 import typing
@@ -263,9 +265,9 @@ def _load_yaml_chain(name_or_path: str, seen: tuple[str, ...] = ()) -> list[tupl
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"a.b=c"`` -> (["a", "b"], YAML-parsed c)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.field=value")
-    key, raw = text.split("=", 1)
+    key, raw = text.split("=", 1) if "=" in text else ("", "")
+    if not all(part.strip().isidentifier() for part in key.split(".")):
+        raise ConfigError(f"override {text!r} must look like section.field=value (e.g. train.max_iters=100)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -281,7 +283,14 @@ def load_config(preset: str | Path = DEFAULT_PRESET, overrides: list[str] | None
             _build(Config, data, "", base=cfg)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
-    for text in overrides or []:
+    return apply_overrides(cfg, overrides or [])
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of ``cfg`` (``cfg`` itself is left as it is) with dotted ``key=value`` overrides applied in
+    order, then validated as a whole; a ConfigError names the override and the field."""
+    cfg = copy.deepcopy(cfg)
+    for text in overrides:
         keys, value = parse_override(text)
         nested: Any = value
         for k in reversed(keys):
@@ -292,6 +301,33 @@ def load_config(preset: str | Path = DEFAULT_PRESET, overrides: list[str] | None
             raise ConfigError(f"override {text!r}: {e}") from None
     validate(cfg)
     return cfg
+
+
+def _override_argument(text: str) -> str:
+    """argparse ``type`` of ``--set``: a bad pair is a usage error at parse time. A positional argument
+    written right after the pairs reads as one more pair, hence the hint."""
+    try:
+        parse_override(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(f"{e}; arguments that are not KEY=VALUE go before --set, or after --")
+    return text
+
+
+def add_override_argument(parser: argparse.ArgumentParser, of: str = "the config") -> None:
+    """``--set KEY=VALUE [KEY=VALUE ...]`` into ``args.overrides`` (a list, empty by default): several
+    pairs after one ``--set`` (detectron2 / Hydra style) and repeated ``--set`` both work."""
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        type=_override_argument,
+                        help=f"override fields of {of}, e.g. --set train.max_iters=100 model.pilot.groups=3 "
+                             "(repeatable)")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The config arguments every job that builds a config takes: ``--config`` (preset name or YAML path,
+    default DEFAULT_PRESET) into ``args.config`` and ``--set`` overrides into ``args.overrides``; pass them
+    to ``load_config(args.config, args.overrides)``."""
+    parser.add_argument("--config", default=DEFAULT_PRESET, help="preset name or YAML path (default: %(default)s)")
+    add_override_argument(parser)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

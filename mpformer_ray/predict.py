@@ -20,8 +20,6 @@ import colorsys
 import io
 import json
 import re
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +29,7 @@ from pycocotools import mask as mask_util
 from torch import nn
 
 from mpformer_ray import storage
-from mpformer_ray.config import Config, load_config, to_yaml
+from mpformer_ray.config import Config, apply_overrides
 from mpformer_ray.data.transforms import eval_transform, normalize
 
 _GOLDEN = 0.618033988749895  # hue step that keeps consecutive colours far apart
@@ -44,16 +42,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def with_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """``cfg`` with dotted ``key=value`` overrides applied (validated like any config)."""
-    if not overrides:
-        return cfg
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "checkpoint_config.yaml"
-        path.write_text(to_yaml(cfg))
-        return load_config(path, overrides)
-
-
 def load_for_inference(checkpoint: str, overrides: list[str] | None = None, device: str | torch.device = "cpu",
                        endpoint_url: str | None = None) -> tuple[nn.Module, Config, list[dict]]:
     """(model in eval mode on ``device``, its config with ``overrides``, the dataset's classes) from a
@@ -63,7 +51,7 @@ def load_for_inference(checkpoint: str, overrides: list[str] | None = None, devi
     from mpformer_ray.train.checkpoint import load_model
 
     model, cfg, classes = load_model(checkpoint, device, endpoint_url)
-    new = with_overrides(cfg, overrides or [])
+    new = apply_overrides(cfg, overrides or [])
     if new.model != cfg.model:
         rebuilt = build_model(new)
         rebuilt.load_state_dict(model.state_dict())

@@ -1,10 +1,16 @@
-"""The one config system: presets, base chains, overrides, validation messages."""
+"""The one config system: presets, base chains, overrides, validation messages, the jobs' --config / --set."""
 
+import argparse
+import importlib.util
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from mpformer_ray.config import ConfigError, config_from_dict, load_config, piloted_layers, to_yaml
+from mpformer_ray.config import (DEFAULT_PRESET, ConfigError, add_config_arguments, apply_overrides, config_from_dict,
+                                 load_config, piloted_layers, to_yaml)
+
+JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
 
 def test_presets_load_with_paper_values():
@@ -65,3 +71,47 @@ def test_round_trip_through_dict_and_yaml():
     again = config_from_dict(cfg.to_dict())
     assert again == cfg
     assert "groups: 3" in to_yaml(cfg)
+
+
+def test_apply_overrides_copies_and_validates():
+    cfg = load_config("tiny")
+    new = apply_overrides(cfg, ["model.test.panoptic_on=false", "train.lr=0.01"])
+    assert not new.model.test.panoptic_on and new.train.lr == 0.01
+    assert cfg.model.test.panoptic_on and cfg.train.lr == 0.001  # the original is left as it was
+    assert apply_overrides(cfg, []) == cfg
+    with pytest.raises(ConfigError, match="model.pilot.layers.*dec_layers"):
+        apply_overrides(cfg, ["model.pilot.layers=99"])
+
+
+def test_config_arguments_take_several_pairs_per_set_and_repeated_sets(capsys):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    assert vars(parser.parse_args([])) == {"config": DEFAULT_PRESET, "overrides": []}
+    args = parser.parse_args(["--config", "r50", "--set", "model.pilot.groups=3", "train.lr=1e-3",
+                              "--set", "run.name=x"])
+    assert args.overrides == ["model.pilot.groups=3", "train.lr=1e-3", "run.name=x"]
+    cfg = load_config(args.config, args.overrides)
+    assert (cfg.model.backbone, cfg.model.pilot.groups, cfg.train.lr, cfg.run.name) == ("resnet50", 3, 1e-3, "x")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--set", "train.max_iters=5", "photo.jpg"])
+    assert "photo.jpg" in capsys.readouterr().err
+
+
+def _parse_args(job: str):
+    """``parse_args`` of jobs/JOB.py."""
+    spec = importlib.util.spec_from_file_location(f"job_{job}_args", JOBS / f"{job}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.parse_args
+
+
+@pytest.mark.parametrize("job, required", [("train", []), ("evaluate", ["--checkpoint", "c.pth"]),
+                                           ("predict", ["--checkpoint", "c.pth", "a.png"])])
+def test_every_job_takes_several_pairs_after_one_set(job, required):
+    parse_args = _parse_args(job)
+    args = parse_args([*required, "--set", "model.test.panoptic_on=false", "data.test_short_side=64",
+                       "--set", "train.seed=1"])
+    assert args.overrides == ["model.test.panoptic_on=false", "data.test_short_side=64", "train.seed=1"]
+    if job == "predict":  # positionals after the pairs need --
+        args = parse_args(["--checkpoint", "c.pth", "--set", "train.seed=1", "--", "a.png", "b.png"])
+        assert args.overrides == ["train.seed=1"] and args.images == ["a.png", "b.png"]

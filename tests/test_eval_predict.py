@@ -260,8 +260,9 @@ def test_predict_job_writes_outputs(val_uri, classes, tmp_path, capsys):
         Image.fromarray(_scene_image(h, w)).save(path, quality=90)
         images.append(str(path))
     out = tmp_path / "pred"
-    proc = _run(["jobs/predict.py", "--checkpoint", ckpt, "--out", str(out), "--device", "cpu", *KEEP_ALL_ARGS,
-                 *images])
+    # the images before --set: a --set takes every KEY=VALUE that follows it
+    proc = _run(["jobs/predict.py", "--checkpoint", ckpt, "--out", str(out), "--device", "cpu", *images,
+                 *KEEP_ALL_ARGS])
     assert proc.returncode == 0, proc.stderr[-3000:]
     listed = proc.stdout.split()
     assert len(listed) == 2 * 5 and all(Path(p).exists() for p in listed)
