@@ -17,9 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mpformer_ray.data.prepare import DATASETS, TASKS, format_summary, prepare  # noqa: E402
+from mpformer_ray.data.prepare import DATASETS, format_summary, prepare  # noqa: E402
 from mpformer_ray.data.records import DataError  # noqa: E402
 from mpformer_ray.storage import StorageError  # noqa: E402
+from mpformer_ray.tasks import TASKS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

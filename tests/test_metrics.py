@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mpformer_ray.data.synthetic import SYNTHETIC_CLASSES, generate_scenes
-from mpformer_ray.evaluation import Evaluator, MaskConsistency, main_metric
+from mpformer_ray.evaluation import Evaluator, MaskConsistency
 
 # two thing classes and one stuff class
 CLASSES = [
@@ -262,12 +262,6 @@ def test_missing_prediction_key_and_wrong_size_name_the_problem():
     ev = Evaluator(CLASSES, {"semantic"})
     ev.process(record(1, segs), {"sem_seg": predict(segs)["sem_seg"]})
     assert not any(k.startswith(("segm/", "panoptic/")) for k in ev.evaluate())
-
-
-def test_main_metric():
-    assert main_metric({"panoptic"}) == "panoptic/PQ"
-    assert main_metric({"instance", "semantic"}) == "segm/AP"
-    assert main_metric({"semantic"}) == "sem_seg/mIoU"
 
 
 def test_mask_consistency():

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mpformer_ray import storage
+from mpformer_ray.amp import resolve_amp
 from mpformer_ray.config import load_config
 from mpformer_ray.data.synthetic import ensure_synthetic
 from mpformer_ray.model import build_model
@@ -32,7 +33,6 @@ from mpformer_ray.train import (
     preflight,
     train_loop,
 )
-from mpformer_ray.train.loop import resolve_amp
 
 torch.set_num_threads(1)
 

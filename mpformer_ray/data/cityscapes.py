@@ -30,8 +30,8 @@ from PIL import Image
 from mpformer_ray.data.label_files import class_segments, lookup, read_image, read_label
 from mpformer_ray.data.records import ConversionReport, DataError, make_row, write_dataset
 from mpformer_ray.data.synthetic import generate_scenes, split_seed
+from mpformer_ray.tasks import check_task
 
-TASKS = ("instance", "panoptic", "semantic")
 # (name, labelId, trainId, hasInstances) for every labelId that appears in the PNGs
 LABELS: list[tuple[str, int, int, bool]] = [
     ("unlabeled", 0, 255, False), ("ego vehicle", 1, 255, False), ("rectification border", 2, 255, False),
@@ -177,8 +177,7 @@ def convert_cityscapes(root: str, split: str, out: str, *, task: str, shard_size
                        progress: bool = True) -> dict:
     """Convert Cityscapes ``split`` under ``root`` to ``task`` records at ``out`` (local or s3://);
     returns the manifest."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    check_task(task)
     report = ConversionReport(strict)
     items = cityscapes_items(root, split, task, report)
     convert = functools.partial(convert_cityscapes_item, root=str(Path(root).expanduser().resolve()), task=task)

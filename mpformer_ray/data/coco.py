@@ -27,8 +27,8 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from mpformer_ray.data.records import ConversionReport, DataError, make_row, write_dataset
+from mpformer_ray.tasks import check_task
 
-TASKS = ("instance", "panoptic", "semantic")
 
 
 def _load_json(path: Path) -> dict:
@@ -174,8 +174,7 @@ def coco_items(root: str, split: str, task: str,
                report: ConversionReport) -> tuple[list[dict], list[dict], functools.partial]:
     """Parse the split's JSON once: (work items, manifest classes, picklable convert function).
     Each item holds file paths and only its own image's annotations."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    check_task(task)
     root = str(Path(root).expanduser().resolve())
     kind = "instances" if task == "instance" else "panoptic"
     json_name = f"annotations/{kind}_{split}2017.json"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from mpformer_ray.data.coco import convert_coco
 from mpformer_ray.data.synthetic import write_coco_layout
+from mpformer_ray.tasks import check_task
 
 DATASETS = ("coco", "ade20k", "cityscapes", "synthetic")
-TASKS = ("instance", "panoptic", "semantic")
 
 
 def prepare(dataset: str, task: str, root: str, split: str, out: str, *, shard_size: int = 500,
@@ -19,8 +19,7 @@ def prepare(dataset: str, task: str, root: str, split: str, out: str, *, shard_s
     ``root`` (kept if that split is already there), then converts them like COCO."""
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    check_task(task)
     kw = dict(task=task, shard_size=shard_size, num_workers=num_workers, strict=strict, endpoint_url=endpoint_url)
     if dataset in ("coco", "synthetic"):
         layout_done = (Path(root).expanduser() / "annotations" / f"panoptic_{split}2017.json").exists()

@@ -2,6 +2,6 @@
 mask consistency."""
 
 from mpformer_ray.evaluation.consistency import MaskConsistency
-from mpformer_ray.evaluation.evaluator import TASKS, Evaluator, main_metric
+from mpformer_ray.evaluation.evaluator import Evaluator
 
-__all__ = ["Evaluator", "MaskConsistency", "TASKS", "main_metric"]
+__all__ = ["Evaluator", "MaskConsistency"]

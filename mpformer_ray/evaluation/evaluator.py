@@ -15,19 +15,10 @@ from __future__ import annotations
 from mpformer_ray.evaluation.instance import InstanceEvaluator
 from mpformer_ray.evaluation.panoptic import PanopticEvaluator
 from mpformer_ray.evaluation.semantic import SemanticEvaluator, gt_semantic_map
+from mpformer_ray.tasks import TASKS
 
-TASKS = ("semantic", "instance", "panoptic")
 # task -> the key of the model's eval output it is computed from
 PREDICTION_KEY = {"semantic": "sem_seg", "instance": "instances", "panoptic": "panoptic"}
-
-
-def main_metric(tasks: set[str]) -> str:
-    """The metric that ranks checkpoints and trials: PQ with panoptic, else mask AP, else mIoU."""
-    if "panoptic" in tasks:
-        return "panoptic/PQ"
-    if "instance" in tasks:
-        return "segm/AP"
-    return "sem_seg/mIoU"
 
 
 def _check_classes(classes: list[dict]) -> None:

@@ -26,34 +26,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpformer_ray import storage
+from mpformer_ray.amp import resolve_amp
 from mpformer_ray.config import Config
 from mpformer_ray.data.records import decode_row, read_manifest
 from mpformer_ray.data.transforms import eval_transform, normalize
 from mpformer_ray.evaluation.consistency import MaskConsistency
 from mpformer_ray.evaluation.evaluator import Evaluator
+from mpformer_ray.tasks import tasks_for
 
 log = logging.getLogger(__name__)
 
-# The tasks a split can be evaluated on follow the annotations its manifest says it has.
-TASKS_BY_ANNOTATION = {"panoptic": {"panoptic", "instance", "semantic"}, "instance": {"instance"},
-                       "semantic": {"semantic"}}
 PROGRESS_EVERY = 50  # images between progress lines (rank 0)
-
-
-def eval_tasks(manifest: dict, cfg: Config, where: str) -> set[str]:
-    """Tasks to evaluate: those the split's annotations support and the model's post-processing
-    produces (``model.test.{semantic,instance,panoptic}_on``)."""
-    task = manifest.get("task")
-    if task not in TASKS_BY_ANNOTATION:
-        raise ValueError(f"{where}: manifest task {task!r} is not one of {sorted(TASKS_BY_ANNOTATION)}; "
-                         "re-run jobs/prepare_data.py")
-    enabled = {"semantic": cfg.model.test.semantic_on, "instance": cfg.model.test.instance_on,
-               "panoptic": cfg.model.test.panoptic_on}
-    tasks = {t for t in TASKS_BY_ANNOTATION[task] if enabled[t]}
-    if not tasks:
-        raise ValueError(f"{where}: a {task} split can be evaluated on {sorted(TASKS_BY_ANNOTATION[task])}, but "
-                         f"the config turns all of them off; set model.test.<task>_on=true for one of them")
-    return tasks
 
 
 def shard_records(uri: str, rank: int, world_size: int, max_images: int = 0,
@@ -147,8 +130,6 @@ def evaluate_model(
         ("consistency/layer_{i}_{i+1}", "consistency/mean", IoU in [0, 1]) and "eval_seconds"
         (wall time of the slowest rank).
     """
-    from mpformer_ray.train.loop import resolve_amp
-
     core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     device = torch.device(device)
     endpoint = storage.endpoint_for(endpoint_url or cfg.storage.endpoint_url)
@@ -157,8 +138,7 @@ def evaluate_model(
         raise ValueError(f"{val_uri}: its classes {[c['name'] for c in manifest['classes']]} differ from the "
                          f"model's {[c['name'] for c in classes]}; evaluate on a split of the dataset it was "
                          "trained on")
-    tasks = eval_tasks(manifest, cfg, val_uri)
-    evaluator = Evaluator(classes, tasks)
+    evaluator = Evaluator(classes, set(tasks_for(manifest.get("task"), cfg.model.test, val_uri)))
     consistency = MaskConsistency(cfg.model.dec_layers)
     amp_dtype = resolve_amp(cfg.train.amp, device)
     total = manifest["num_images"] if max_images <= 0 else min(max_images, manifest["num_images"])

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mpformer_ray import storage
+from mpformer_ray.amp import resolve_amp
 from mpformer_ray.config import Config, ConfigError
 from mpformer_ray.model.criterion import total_loss
 from mpformer_ray.train.checkpoint import CheckpointStore
@@ -30,23 +31,6 @@ Batch = tuple[torch.Tensor, list[dict[str, torch.Tensor]]]
 EpochBatches = Callable[[int], Iterable[Batch]]
 Reporter = Callable[[dict[str, float]], None]
 Evaluate = Callable[[nn.Module], dict[str, float]]
-
-
-def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    """``train.amp`` -> autocast dtype (None = fp32). ``auto``: bf16 on GPUs that support it,
-    fp16 (with a GradScaler) on older GPUs, fp32 on CPU."""
-    if mode == "off":
-        return None
-    if device.type == "cuda":
-        bf16_ok = torch.cuda.is_bf16_supported()
-        if mode == "bf16" and not bf16_ok:
-            raise ConfigError(f"train.amp=bf16 but {torch.cuda.get_device_name(device)} has no bf16; "
-                              "use train.amp=fp16 or train.amp=auto")
-        if mode == "auto":
-            return torch.bfloat16 if bf16_ok else torch.float16
-    elif mode == "auto":
-        return None
-    return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
 def summarize_losses(losses: dict[str, float]) -> dict[str, float]:
@@ -155,7 +139,8 @@ def train_loop(
         classes: the dataset's class list (manifest ``classes``), saved in checkpoints.
         evaluate: ``model -> metrics``, called on every rank every ``train.eval_period``
             iterations and at the end; None skips evaluation.
-        main_metric: key of ``evaluate``'s result that selects the best checkpoint (higher is better).
+        main_metric: key of ``evaluate``'s result that selects the best checkpoint (higher is better;
+            ``mpformer_ray.tasks.main_metric``); an evaluation without it is a ConfigError.
 
     Returns:
         The last reported metrics (final training window plus the final evaluation).
@@ -245,6 +230,11 @@ def train_loop(
             if rank == 0:
                 log.info("evaluation at iteration %d: %s", done,
                          "  ".join(f"{k} {v:.4g}" for k, v in results.items()))
+            if main_metric and main_metric not in results:
+                raise ConfigError(
+                    f"the evaluation at iteration {done} gave no {main_metric}, the metric this run picks its best "
+                    f"checkpoint by; it gave {sorted(results)}. Fix: evaluate on a data.val split with that "
+                    "task's annotations and keep its model.test.*_on switch on")
             value = results.get(main_metric) if main_metric else None
             if value is not None and math.isfinite(value) and (best is None or value > best["value"]):
                 best, is_best = {"metric": main_metric, "value": float(value), "iteration": done}, True

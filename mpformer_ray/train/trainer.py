@@ -24,13 +24,11 @@ from mpformer_ray import storage  # noqa: E402
 from mpformer_ray.config import Config, config_from_dict  # noqa: E402
 from mpformer_ray.log import setup_logging  # noqa: E402
 from mpformer_ray.data.records import DataError, read_manifest  # noqa: E402
+from mpformer_ray.tasks import main_metric, main_task, tasks_for  # noqa: E402
 from mpformer_ray.train.checkpoint import CheckpointStore, run_uri  # noqa: E402
 from mpformer_ray.train.loop import train_loop  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-# The evaluated tasks follow the annotations the manifest says the split has.
-TASKS = {"panoptic": ["panoptic", "instance", "semantic"], "instance": ["instance"], "semantic": ["semantic"]}
 
 
 class PreflightError(ValueError):
@@ -45,13 +43,12 @@ class TrainPlan:
     run_uri: str
     endpoint_url: str | None
     classes: list[dict]
-    tasks: list[str]
+    tasks: list[str]  # mpformer_ray.tasks.tasks_for the training split and model.test
 
     @property
     def main_metric(self) -> str:
-        from mpformer_ray.evaluation import main_metric
-
-        return main_metric(set(self.tasks))
+        """What ranks this run's checkpoints (and a sweep's trials): ``mpformer_ray.tasks.main_metric``."""
+        return main_metric(self.tasks)
 
 
 def _check_train_fields(cfg: Config) -> None:
@@ -66,6 +63,24 @@ def _check_train_fields(cfg: Config) -> None:
         problems.append("train.amp=fp16 needs a GPU (train.use_gpu=true); use train.amp=off or bf16 on CPU")
     if problems:
         raise PreflightError("invalid training config:\n  " + "\n  ".join(problems))
+
+
+def _run_tasks(cfg: Config, train: dict, val: dict | None) -> list[str]:
+    """The run's tasks: those of the training split that ``model.test`` keeps on. The validation split
+    must be evaluated on the main one of them, else the main metric never comes and no best checkpoint
+    is ever recorded."""
+    try:
+        tasks = tasks_for(train.get("task"), cfg.model.test, f"data.train={cfg.data.train!r}")
+        val_tasks = tasks_for(val.get("task"), cfg.model.test, f"data.val={cfg.data.val!r}") if val else None
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+    if val_tasks is not None and main_task(tasks) not in val_tasks:
+        raise PreflightError(
+            f"data.val={cfg.data.val!r} (a {val['task']} split) is evaluated on {val_tasks}, so it never gives "
+            f"{main_metric(tasks)}, the main metric of training on data.train={cfg.data.train!r} (a "
+            f"{train['task']} split, tasks {tasks} with model.test.*_on). Fix: prepare data.val with --task "
+            f"{train['task']}, or set model.test.*_on so that the tasks data.val lacks are off")
+    return tasks
 
 
 def _manifest(uri: str, field: str, endpoint_url: str | None) -> dict:
@@ -109,8 +124,8 @@ def preflight(cfg: Config) -> TrainPlan:
         raise PreflightError(
             f"model.num_classes={cfg.model.num_classes} but data.train={cfg.data.train!r} has {len(classes)} "
             f"classes; set --set model.num_classes={len(classes)}")
-    if cfg.data.val:
-        val = _manifest(cfg.data.val, "data.val", endpoint)
+    val = _manifest(cfg.data.val, "data.val", endpoint) if cfg.data.val else None
+    if val:
         if [c["name"] for c in val["classes"]] != [c["name"] for c in classes]:
             raise PreflightError(f"data.val={cfg.data.val!r} has different classes from data.train="
                                  f"{cfg.data.train!r}; prepare both splits of the same dataset")
@@ -118,10 +133,8 @@ def preflight(cfg: Config) -> TrainPlan:
         log.warning("data.val is empty: training runs without evaluation")
     if cfg.model.thing_classes is None:
         cfg.model.thing_classes = [c["id"] for c in classes if c["isthing"]]
-    if train.get("task") not in TASKS:
-        raise PreflightError(f"data.train={cfg.data.train!r}: manifest task {train.get('task')!r} is not one of "
-                             f"{list(TASKS)}; re-run jobs/prepare_data.py")
-    return TrainPlan(cfg=cfg, run_uri=run, endpoint_url=endpoint, classes=classes, tasks=TASKS[train["task"]])
+    tasks = _run_tasks(cfg, train, val)
+    return TrainPlan(cfg=cfg, run_uri=run, endpoint_url=endpoint, classes=classes, tasks=tasks)
 
 
 def _quiet_ray_report_log() -> None:
