@@ -4,7 +4,8 @@
     python jobs/train.py --config r50 --set data.train=s3://bucket/coco/train ...
     ray job submit --working-dir . -- python jobs/train.py --config configs/my.yaml
 
-Rerunning with the same run.name resumes from the run's latest checkpoint.
+Rerunning with the same run.name resumes from the run's latest checkpoint. Ctrl-C stops training,
+says where the latest checkpoint is and exits with status 130.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mpformer_ray import storage  # noqa: E402
-from mpformer_ray.config import ConfigError, add_config_arguments, load_config  # noqa: E402
+from mpformer_ray.config import Config, ConfigError, add_config_arguments, load_config  # noqa: E402
 from mpformer_ray.data.records import DataError  # noqa: E402
 from mpformer_ray.log import setup_logging  # noqa: E402
 from mpformer_ray.train import PreflightError, latest_checkpoint, run_training  # noqa: E402
-from mpformer_ray.train.checkpoint import CheckpointStore  # noqa: E402
+from mpformer_ray.train.checkpoint import CheckpointError, CheckpointStore, run_uri  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,15 +39,36 @@ def results_table(metrics: dict) -> str:
     return "\n".join([f"{'metric':<{width}}  value", f"{'-' * width}  -----"] + [f"{k:<{width}}  {v}" for k, v in rows])
 
 
+def interrupted(cfg: Config | None) -> str:
+    """The line printed on Ctrl-C: where the run can resume from."""
+    if cfg is None:
+        return "interrupted before the config was loaded"
+    # the run directory preflight uses (a relative local storage.uri means this working directory)
+    store = CheckpointStore(storage.absolute(run_uri(cfg)), storage.endpoint_for(cfg.storage.endpoint_url))
+    try:
+        latest = store.latest()
+    except (CheckpointError, storage.StorageError) as e:
+        return f"interrupted; the latest checkpoint cannot be read: {e}"
+    if latest is None:
+        return f"interrupted before the first checkpoint in {store.dir}; rerun the same command to start again"
+    return f"interrupted; latest checkpoint: {latest}; rerun the same command to resume"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         plan, _ = run_training(cfg, address=args.address)
     except (ConfigError, PreflightError, DataError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # Ctrl-C before training starts is a KeyboardInterrupt; during training, Ray Train's own SIGINT
+    # handler aborts the workers and ends the driver's wait with SystemExit (status 0 or 1: replaced)
+    except (KeyboardInterrupt, SystemExit):
+        print(interrupted(cfg), file=sys.stderr)
+        return 130
     store = CheckpointStore(plan.run_uri, plan.endpoint_url)
     pointer = store.pointer() or {}
     print("\nfinal metrics")

@@ -48,11 +48,14 @@ def load_for_inference(checkpoint: str, overrides: list[str] | None = None, devi
     checkpoint file or run directory (local or s3://). Overrides of ``model.*`` (e.g. the
     post-processing thresholds ``model.test.*``) rebuild the model around the saved weights."""
     from mpformer_ray.model import build_model
-    from mpformer_ray.train.checkpoint import load_model
+    from mpformer_ray.train.checkpoint import CheckpointError, load_model, model_mismatch
 
     model, cfg, classes = load_model(checkpoint, device, endpoint_url)
     new = apply_overrides(cfg, overrides or [])
     if new.model != cfg.model:
+        if problems := model_mismatch(model.state_dict(), cfg.to_dict()["model"], new):
+            raise CheckpointError(f"{checkpoint}: the overrides change the model's shapes ({'; '.join(problems)}), so "
+                                  "its weights do not fit. Fix: override only fields that keep them, e.g. model.test.*")
         rebuilt = build_model(new)
         rebuilt.load_state_dict(model.state_dict())
         model = rebuilt.to(device).eval()

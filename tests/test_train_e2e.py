@@ -3,6 +3,7 @@ on the moto S3 server: checkpoints land in S3, a killed driver resumes, a killed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -72,7 +73,8 @@ def run_job(cmd: list[str], timeout: float, cwd: Path = REPO) -> str:
 
 def kill_session(proc: subprocess.Popen) -> None:
     """SIGKILL the driver and everything it started (its local Ray runs in the driver's session)."""
-    os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # the driver's process group is gone once it has exited
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     for _ in range(2):  # Ray workers have their own process groups but share the session
         for stat in Path("/proc").glob("[0-9]*/stat"):

@@ -59,7 +59,8 @@ def tiny_cfg(records: dict, tmp_path: Path, *overrides: str):
                                        "run.name=unit", *overrides])
 
 
-def run_loop(cfg, records: dict, store: CheckpointStore, reports: list | None = None) -> dict:
+def run_loop(cfg, records: dict, store: CheckpointStore, reports: list | None = None,
+             resume_from: str | None = None) -> dict:
     from mpformer_ray.data.pipeline import local_batches
 
     torch.manual_seed(0)
@@ -68,7 +69,7 @@ def run_loop(cfg, records: dict, store: CheckpointStore, reports: list | None = 
     return train_loop(
         model,
         lambda epoch: local_batches(records["train"], cfg, cfg.train.batch_size, seed=0, epoch=epoch),
-        cfg, (reports if reports is not None else []).append, store, classes=classes)
+        cfg, (reports if reports is not None else []).append, store, classes=classes, resume_from=resume_from)
 
 
 def test_poly_schedule_with_warmup():
@@ -137,7 +138,7 @@ def test_loop_trains_checkpoints_and_resumes(records, tmp_path, caplog):
     cfg6 = tiny_cfg(records, tmp_path, "train.max_iters=6", "train.checkpoint_period=2", "train.log_period=2",
                     "train.keep_checkpoints=5")
     reports = []
-    run_loop(cfg6, records, store, reports)
+    run_loop(cfg6, records, store, reports, resume_from=uri)
     assert [r["iteration"] for r in reports] == [6]
     resumed = load_checkpoint(latest_checkpoint(store.run_uri))
     assert resumed["iteration"] == 6 and resumed["starts"] == [0, 4]
@@ -147,7 +148,7 @@ def test_loop_trains_checkpoints_and_resumes(records, tmp_path, caplog):
     # rerunning a finished run trains nothing, returns its final metrics and says how to go on
     reports = []
     with caplog.at_level("INFO", logger="mpformer_ray.train.loop"):
-        assert run_loop(cfg6, records, store, reports) == resumed["metrics"]
+        assert run_loop(cfg6, records, store, reports, resume_from=store.latest()) == resumed["metrics"]
     assert reports == [] and latest_checkpoint(store.run_uri).endswith("model_0000006.pth")
     assert "raise train.max_iters" in caplog.text and store.run_uri in caplog.text
 

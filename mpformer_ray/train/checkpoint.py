@@ -10,6 +10,11 @@ The checkpoint object is written first and the small ``latest.json`` pointer las
 upload that dies half-way never becomes the latest. Retention keeps the newest
 ``keep`` checkpoints plus the best one by the task's main metric.
 
+What a run resumes from is decided once, on the driver (``check_resume``), from what is really
+there: the checkpoint ``latest.json`` names, else (pointer lost or damaged, or naming a missing or
+damaged file) the newest intact ``model_*.pth``, with a warning. A run never starts at iteration 0
+over checkpoints it did not write.
+
 A checkpoint dict holds: ``model``, ``optimizer``, ``scheduler``, ``scaler`` (state dicts),
 ``iteration``, ``config`` (``Config.to_dict()``), ``data`` ({"epoch", "batches"} consumed),
 ``classes`` (the manifest's class list), ``best`` ({"metric", "value", "iteration"} or None),
@@ -19,9 +24,11 @@ A checkpoint dict holds: ``model``, ``optimizer``, ``scheduler``, ``scaler`` (st
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -40,6 +47,11 @@ LATEST = "latest.json"
 _NAME = re.compile(r"^model_(\d{7,})\.pth$")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint or ``latest.json`` is unreadable or does not fit the config; the message names
+    the file and the fix."""
+
+
 def run_uri(cfg: Config) -> str:
     """The run directory: ``{storage.uri}/{run.name}``."""
     return storage.join(cfg.storage.uri, cfg.run.name)
@@ -47,6 +59,22 @@ def run_uri(cfg: Config) -> str:
 
 def checkpoint_name(iteration: int) -> str:
     return f"model_{iteration:07d}.pth"
+
+
+def _iteration(name: str) -> int:
+    return int(_NAME.match(name).group(1))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN / infinite floats as None: ``json.dumps`` writes them as bare ``NaN``,
+    which is not JSON (an empty AP size bucket is NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _retry(action: Callable[[], Any], uri: str, attempts: int, wait_s: float) -> Any:
@@ -68,7 +96,9 @@ def _retry(action: Callable[[], Any], uri: str, attempts: int, wait_s: float) ->
 class CheckpointStore:
     """Saves, finds and prunes the checkpoints of one run (local path or s3:// URI).
 
-    Only one process (rank 0) calls :meth:`save`; every rank may call :meth:`load_latest`.
+    Only one process (rank 0) calls :meth:`save`. ``job`` identifies one training job (one
+    ``jobs/train.py`` run); its saves record it in ``latest.json`` so that workers Ray restarts
+    resume from the job's own newest checkpoint (:meth:`job_latest`).
     """
 
     def __init__(
@@ -78,6 +108,7 @@ class CheckpointStore:
         keep: int = 2,
         attempts: int = 3,
         retry_wait_s: float = 1.0,
+        job: str | None = None,
     ) -> None:
         if keep < 1:
             raise ValueError(f"train.keep_checkpoints must be >= 1; got {keep}")
@@ -87,22 +118,79 @@ class CheckpointStore:
         self.keep = keep
         self.attempts = attempts
         self.retry_wait_s = retry_wait_s
+        self.job = job
 
     def pointer(self) -> dict | None:
-        """The parsed ``latest.json``, or None before the first checkpoint."""
+        """The parsed ``latest.json`` (older ones may hold bare NaN, which Python reads), or None
+        when there is none; CheckpointError naming it when it is damaged."""
         uri = storage.join(self.dir, LATEST)
         if not storage.exists(uri, self.endpoint_url):
             return None
-        return json.loads(storage.read_bytes(uri, self.endpoint_url))
+        try:
+            pointer = json.loads(storage.read_bytes(uri, self.endpoint_url))
+        except ValueError as e:
+            raise CheckpointError(f"{uri} is damaged ({e})") from None
+        if not isinstance(pointer, dict) or not _NAME.match(str(pointer.get("latest"))):
+            raise CheckpointError(f"{uri} is damaged (no \"latest\": \"model_NNNNNNN.pth\" entry)")
+        return pointer
 
     def latest(self) -> str | None:
         pointer = self.pointer()
         return storage.join(self.dir, pointer["latest"]) if pointer else None
 
-    def load_latest(self) -> tuple[str, dict] | None:
-        """(uri, checkpoint dict) of the latest checkpoint, or None for a fresh run."""
-        uri = self.latest()
-        return (uri, load_checkpoint(uri, self.endpoint_url)) if uri else None
+    def names(self) -> list[str]:
+        """The ``model_*.pth`` names in the checkpoint directory, oldest first."""
+        return sorted((n for n in storage.listdir(self.dir, self.endpoint_url) if _NAME.match(n)), key=_iteration)
+
+    def job_latest(self) -> str | None:
+        """The latest checkpoint when this store's job saved it, else None: a worker group Ray
+        restarts resumes there, not at the checkpoint the driver chose when the job began."""
+        try:
+            pointer = self.pointer()
+        except CheckpointError:  # pointer writes are atomic: a damaged one is not this job's
+            return None
+        return storage.join(self.dir, pointer["latest"]) if pointer and pointer.get("job") == self.job else None
+
+    def find_resume(self) -> tuple[str, dict] | None:
+        """(uri, checkpoint dict) to resume from: the one ``latest.json`` names, else the newest
+        intact ``model_*.pth`` (logging a warning that names what was passed over); None when
+        there is no checkpoint. CheckpointError naming the directory when none is readable;
+        StorageError (not a fallback) when storage cannot be reached."""
+        names = self.names()
+        try:
+            pointer = self.pointer()
+            problem = None if pointer or not names else f"{self.dir} holds checkpoints but no {LATEST}"
+        except CheckpointError as e:
+            pointer, problem = None, str(e)
+        if pointer:
+            uri = storage.join(self.dir, pointer["latest"])
+            try:
+                return uri, self._load(uri)
+            except CheckpointError as e:
+                problem = f"{LATEST} names a checkpoint that cannot be used: {e}"
+                names = [n for n in names if n != pointer["latest"]]
+        skipped = []
+        for name in reversed(names):
+            uri = storage.join(self.dir, name)
+            try:
+                ckpt = self._load(uri)
+            except CheckpointError as e:
+                skipped.append(str(e))
+                continue
+            log.warning("%s; resuming from %s, the newest intact checkpoint there%s", problem, uri,
+                        f" (also passed over: {'; '.join(skipped)})" if skipped else "")
+            return uri, ckpt
+        if problem is None:
+            return None
+        raise CheckpointError(
+            f"nothing to resume from in {self.dir}: {'; '.join([problem, *skipped])}. Fix: restore the "
+            "checkpoints, or set another run.name to start a new run")
+
+    def _load(self, uri: str) -> dict:
+        """load_checkpoint, a missing file being a CheckpointError too."""
+        if not storage.exists(uri, self.endpoint_url):
+            raise CheckpointError(f"{uri} does not exist")
+        return load_checkpoint(uri, self.endpoint_url)
 
     def save(self, state: dict, is_best: bool = False) -> str:
         """Write ``state`` (must hold ``iteration``), move the pointer to it, prune old ones.
@@ -118,13 +206,21 @@ class CheckpointStore:
         payload = buffer.getvalue()
         _retry(lambda: storage.write_bytes(uri, payload, self.endpoint_url), uri, self.attempts, self.retry_wait_s)
 
-        previous = self.pointer() or {}
+        try:
+            previous = self.pointer() or {}
+        except CheckpointError:  # the driver resumed past a damaged pointer (find_resume); this replaces it
+            previous = {}
         best = previous.get("best")
         if is_best:
             best = {"checkpoint": name, **(state.get("best") or {})}
-        pointer = {"latest": name, "iteration": iteration, "best": best, "metrics": state.get("metrics", {})}
+        elif not previous and state.get("best"):
+            # a run resumed without its pointer: the running best names its checkpoint, because every
+            # evaluation is checkpointed, and retention must keep that file
+            best = {"checkpoint": checkpoint_name(state["best"]["iteration"]), **state["best"]}
+        pointer = {"latest": name, "iteration": iteration, "best": best, "metrics": state.get("metrics", {}),
+                   "job": self.job}
         pointer_uri = storage.join(self.dir, LATEST)
-        data = json.dumps(pointer, indent=1).encode()
+        data = json.dumps(_finite(pointer), indent=1, allow_nan=False).encode()
         _retry(lambda: storage.write_bytes(pointer_uri, data, self.endpoint_url), pointer_uri,
                self.attempts, self.retry_wait_s)
         self._prune(iteration, best["checkpoint"] if best else None)
@@ -156,9 +252,18 @@ def latest_checkpoint(run_uri: str, endpoint_url: str | None = None) -> str | No
 
 
 def load_checkpoint(uri: str, endpoint_url: str | None = None) -> dict:
-    """Load a checkpoint file with ``torch.load(weights_only=True)`` onto the CPU."""
+    """Load a checkpoint file with ``torch.load(weights_only=True)`` onto the CPU; CheckpointError
+    naming ``uri`` when it is damaged or not a training checkpoint."""
     data = storage.read_bytes(uri, endpoint_url)
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # damaged bytes fail in many ways: RuntimeError, UnpicklingError, EOFError, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{uri} cannot be loaded ({reason}): the file is truncated or damaged") from None
+    if not isinstance(ckpt, dict) or not {"model", "iteration"} <= ckpt.keys():
+        raise CheckpointError(f"{uri} is not a training checkpoint (a dict with model weights and an iteration, "
+                              "as jobs/train.py saves)")
+    return ckpt
 
 
 def resolve_checkpoint(uri: str, endpoint_url: str | None = None) -> str:
@@ -171,10 +276,60 @@ def resolve_checkpoint(uri: str, endpoint_url: str | None = None) -> str:
     for run in runs:
         if found := latest_checkpoint(run, endpoint_url):
             return found
+    for run in runs:
+        if names := CheckpointStore(run, endpoint_url).names():
+            raise CheckpointError(f"{storage.join(run, CHECKPOINT_DIR)} has checkpoints but no {LATEST}: pass one "
+                                  f"of its files, e.g. the newest {storage.join(run, CHECKPOINT_DIR, names[-1])}")
     raise storage.StorageError(
         f"no checkpoint under {uri}: expected {storage.join(uri, CHECKPOINT_DIR, LATEST)}; pass a .pth "
         f"checkpoint file or the run directory {{storage.uri}}/{{run.name}} of a run that saved one"
     )
+
+
+def _flatten(tree: dict, prefix: str) -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def model_mismatch(weights: dict[str, torch.Tensor], saved_model: dict, cfg: Config) -> list[str]:
+    """Why ``weights``, saved with model config ``saved_model`` (``Config.to_dict()["model"]``), do not
+    fit the model ``cfg`` builds: the ``model.*`` fields that differ ("model.hidden_dim: checkpoint
+    32, config 64"), else the first parameters whose shapes differ; empty when they fit."""
+    from mpformer_ray.model import build_model  # the model code is needed only here and in load_model
+
+    shapes_only = copy.deepcopy(cfg)
+    shapes_only.model.pretrained = None  # backbone weights do not change shapes; skip reading them
+    with torch.device("meta"):  # shapes without allocating or initialising any weights
+        expected = {k: tuple(v.shape) for k, v in build_model(shapes_only).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    if found == expected:
+        return []
+    saved = _flatten(saved_model, "model.")
+    fields = [f"{k}: checkpoint {saved.get(k)}, config {v}"
+              for k, v in _flatten(cfg.to_dict()["model"], "model.").items() if saved.get(k) != v]
+    return fields or [f"parameter {k}: checkpoint {found.get(k)}, model {expected.get(k)}"
+                      for k in sorted(found.keys() | expected.keys()) if found.get(k) != expected.get(k)][:3]
+
+
+def check_resume(cfg: Config, classes: list[dict], endpoint_url: str | None = None) -> str | None:
+    """The checkpoint a training run of ``cfg`` resumes from (None: a new run), checked on the driver
+    before any worker starts: readable (see ``CheckpointStore.find_resume``) and fitting ``cfg``'s
+    model and the dataset's ``classes``. CheckpointError naming the file, what differs and the fix."""
+    found = CheckpointStore(run_uri(cfg), endpoint_url).find_resume()
+    if not found:
+        return None
+    uri, ckpt = found
+    problems = model_mismatch(ckpt["model"], ckpt.get("config", {}).get("model", {}), cfg)
+    saved_names, names = [c["name"] for c in ckpt.get("classes", [])], [c["name"] for c in classes]
+    if saved_names != names:
+        problems.append(f"classes: checkpoint {saved_names}, data.train {names}")
+    if problems:
+        raise CheckpointError(
+            f"{uri} does not fit this config ({'; '.join(problems)}). Fix: set another run.name to train this "
+            "config from scratch, or set those fields back to resume this run")
+    return uri
 
 
 def load_model(uri: str, device: str | torch.device = "cpu",

@@ -21,7 +21,7 @@ from mpformer_ray import storage
 from mpformer_ray.amp import resolve_amp
 from mpformer_ray.config import Config, ConfigError
 from mpformer_ray.model.criterion import total_loss
-from mpformer_ray.train.checkpoint import CheckpointStore
+from mpformer_ray.train.checkpoint import CheckpointStore, load_checkpoint
 from mpformer_ray.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -125,9 +125,9 @@ def train_loop(
     world_size: int = 1,
     evaluate: Evaluate | None = None,
     main_metric: str | None = None,
+    resume_from: str | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` for ``cfg.train.max_iters`` iterations, resuming from ``store``'s latest
-    checkpoint when there is one.
+    """Train ``model`` for ``cfg.train.max_iters`` iterations, from ``resume_from`` or from scratch.
 
     Args:
         model: the MP-Former, possibly DDP-wrapped; ``model(images, targets)`` returns a dict
@@ -135,12 +135,15 @@ def train_loop(
         epoch_batches: ``epoch -> iterable of (images [B, 3, H, W], targets)`` for this rank.
         reporter: called with the metrics of every log period / evaluation (all ranks call it
             the same number of times: Ray's ``report`` is a barrier).
-        store: where checkpoints go (rank 0 writes, every rank reads the latest at start).
+        store: where checkpoints go (rank 0 writes).
         classes: the dataset's class list (manifest ``classes``), saved in checkpoints.
         evaluate: ``model -> metrics``, called on every rank every ``train.eval_period``
             iterations and at the end; None skips evaluation.
         main_metric: key of ``evaluate``'s result that selects the best checkpoint (higher is better;
             ``mpformer_ray.tasks.main_metric``); an evaluation without it is a ConfigError.
+        resume_from: the checkpoint every rank starts from, decided once for all of them (the
+            driver's ``check_resume``, or ``store.job_latest()`` after a restart); None starts at
+            iteration 0.
 
     Returns:
         The last reported metrics (final training window plus the final evaluation).
@@ -154,9 +157,8 @@ def train_loop(
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start, epoch, skip, best, starts = 0, 0, 0, None, []
-    found = store.load_latest()
-    if found:
-        uri, ckpt = found
+    if resume_from:
+        ckpt = load_checkpoint(resume_from, store.endpoint_url)
         core.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -164,7 +166,7 @@ def train_loop(
         start, best, starts = ckpt["iteration"], ckpt["best"], list(ckpt["starts"])
         epoch, skip = ckpt["data"]["epoch"], ckpt["data"]["batches"]
         if rank == 0:
-            log.info("resuming from %s at iteration %d (epoch %d, %d batches in)", uri, start, epoch, skip)
+            log.info("resuming from %s at iteration %d (epoch %d, %d batches in)", resume_from, start, epoch, skip)
     starts.append(start)
     if start >= t.max_iters:
         if rank == 0:

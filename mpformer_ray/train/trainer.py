@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
@@ -25,7 +26,7 @@ from mpformer_ray.config import Config, config_from_dict  # noqa: E402
 from mpformer_ray.log import setup_logging  # noqa: E402
 from mpformer_ray.data.records import DataError, read_manifest  # noqa: E402
 from mpformer_ray.tasks import main_metric, main_task, tasks_for  # noqa: E402
-from mpformer_ray.train.checkpoint import CheckpointStore, run_uri  # noqa: E402
+from mpformer_ray.train.checkpoint import CheckpointError, CheckpointStore, check_resume, run_uri  # noqa: E402
 from mpformer_ray.train.loop import train_loop  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ class TrainPlan:
     endpoint_url: str | None
     classes: list[dict]
     tasks: list[str]  # mpformer_ray.tasks.tasks_for the training split and model.test
+    resume_from: str | None = None  # the checkpoint the workers start from, checked on the driver
+    # marks this job's checkpoints in latest.json: restarted workers resume from its own newest one
+    job: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def main_metric(self) -> str:
@@ -110,14 +114,6 @@ def preflight(cfg: Config) -> TrainPlan:
                     "storage.uri to an s3:// URI or an absolute path outside it", cfg.storage.uri)
 
     run = run_uri(cfg)
-    try:
-        storage.check_writable(run, endpoint)
-    except storage.StorageError as e:
-        raise PreflightError(
-            f"storage.uri={cfg.storage.uri!r}: cannot write the run directory {run}: {e}. Fix: point "
-            "storage.uri at a writable directory or bucket (and storage.endpoint_url / AWS_ENDPOINT_URL "
-            "at the S3 service)") from None
-
     train = _manifest(cfg.data.train, "data.train", endpoint)
     classes = train["classes"]
     if len(classes) != cfg.model.num_classes:
@@ -134,7 +130,20 @@ def preflight(cfg: Config) -> TrainPlan:
     if cfg.model.thing_classes is None:
         cfg.model.thing_classes = [c["id"] for c in classes if c["isthing"]]
     tasks = _run_tasks(cfg, train, val)
-    return TrainPlan(cfg=cfg, run_uri=run, endpoint_url=endpoint, classes=classes, tasks=tasks)
+    try:
+        resume_from = check_resume(cfg, classes, endpoint)
+    except CheckpointError as e:
+        raise PreflightError(str(e)) from None
+    # last: the probe creates the run directory, which a failed check must not leave behind
+    try:
+        storage.check_writable(run, endpoint)
+    except storage.StorageError as e:
+        raise PreflightError(
+            f"storage.uri={cfg.storage.uri!r}: cannot write the run directory {run}: {e}. Fix: point "
+            "storage.uri at a writable directory or bucket (and storage.endpoint_url / AWS_ENDPOINT_URL "
+            "at the S3 service)") from None
+    return TrainPlan(cfg=cfg, run_uri=run, endpoint_url=endpoint, classes=classes, tasks=tasks,
+                     resume_from=resume_from)
 
 
 def _quiet_ray_report_log() -> None:
@@ -168,6 +177,7 @@ def train_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     endpoint = config["endpoint_url"]
     classes = config["classes"]
+    store = CheckpointStore(config["run_uri"], endpoint, keep=cfg.train.keep_checkpoints, job=config["job"])
 
     def evaluate(net: torch.nn.Module) -> dict[str, float]:
         return evaluate_model(net, cfg.data.val, cfg, classes, device=device, rank=rank, world_size=world_size,
@@ -178,13 +188,15 @@ def train_worker(config: dict) -> None:
         lambda epoch: iter_batches(shard, cfg.train.batch_size, epoch=epoch, device=device),
         cfg,
         ray.train.report,
-        CheckpointStore(config["run_uri"], endpoint, keep=cfg.train.keep_checkpoints),
+        store,
         classes=classes,
         device=device,
         rank=rank,
         world_size=world_size,
         evaluate=evaluate if cfg.data.val else None,
         main_metric=config["main_metric"],
+        # the driver's choice; after a restart (train.max_failures), what this job saved since
+        resume_from=store.job_latest() or config["resume_from"],
     )
 
 
@@ -207,6 +219,8 @@ def build_trainer(plan: TrainPlan, callbacks: list | None = None) -> ray.train.t
             "main_metric": plan.main_metric,
         },
         scaling_config=ray.train.ScalingConfig(
+            "resume_from": plan.resume_from,
+            "job": plan.job,
             num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,

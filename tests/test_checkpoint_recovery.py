@@ -1,0 +1,213 @@
+"""Resuming safely from what is really in a run directory: a lost or damaged latest.json, damaged
+checkpoints, checkpoints that do not fit the config, NaN metrics, what a failed preflight leaves
+behind, and Ctrl-C during jobs/train.py. Real checkpoints written by the training loop, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpformer_ray import storage
+from mpformer_ray.train import CheckpointStore, PreflightError, load_checkpoint, preflight
+from mpformer_ray.train.checkpoint import CheckpointError
+from test_eval_predict import _job_main
+from test_train_e2e import kill_session, local_data, run_job, train_argv  # noqa: F401 (local_data: a fixture)
+from test_train_loop import records, run_loop, tiny_cfg  # noqa: F401 (records: a fixture)
+
+RUN_SETTINGS = ["train.max_iters=4", "train.checkpoint_period=2", "train.log_period=2", "train.keep_checkpoints=5"]
+
+
+@pytest.fixture(scope="module")
+def trained(records, tmp_path_factory) -> Path:
+    """A run directory the real loop wrote: checkpoints at iterations 2 and 4 plus latest.json."""
+    root = tmp_path_factory.mktemp("trained")
+    cfg = tiny_cfg(records, root, *RUN_SETTINGS)
+    run_loop(cfg, records, CheckpointStore(str(root / "runs" / "unit"), keep=5))
+    return root / "runs" / "unit"
+
+
+@pytest.fixture
+def run(trained, tmp_path) -> Path:
+    """A copy of ``trained`` at ``tmp_path/runs/unit``, where ``tiny_cfg(records, tmp_path)`` points."""
+    shutil.copytree(trained, tmp_path / "runs" / "unit")
+    return tmp_path / "runs" / "unit"
+
+
+def ckpt_path(run: Path, iteration: int) -> Path:
+    return run / "checkpoints" / f"model_{iteration:07d}.pth"
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_lost_pointer_resumes_from_newest_checkpoint(records, run, tmp_path, caplog):
+    (run / "checkpoints" / "latest.json").unlink()
+    with caplog.at_level("WARNING", logger="mpformer_ray.train.checkpoint"):
+        plan = preflight(tiny_cfg(records, tmp_path, *RUN_SETTINGS[1:], "train.max_iters=6"))
+    assert plan.resume_from == str(ckpt_path(run, 4))
+    assert "no latest.json" in caplog.text and str(ckpt_path(run, 4)) in caplog.text
+
+    # the workers start where the driver decided: nothing of the earlier run is overwritten
+    run_loop(plan.cfg, records, CheckpointStore(plan.run_uri, keep=5), resume_from=plan.resume_from)
+    resumed = load_checkpoint(str(ckpt_path(run, 6)))
+    assert resumed["starts"] == [0, 4]
+    assert load_checkpoint(str(ckpt_path(run, 2)))["starts"] == [0]
+
+
+def test_damaged_latest_checkpoint_falls_back_to_older_intact_one(records, run, tmp_path, caplog):
+    truncate(ckpt_path(run, 4))
+    with caplog.at_level("WARNING", logger="mpformer_ray.train.checkpoint"):
+        plan = preflight(tiny_cfg(records, tmp_path, *RUN_SETTINGS))
+    assert plan.resume_from == str(ckpt_path(run, 2))
+    assert str(ckpt_path(run, 4)) in caplog.text and str(ckpt_path(run, 2)) in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["truncated", "names a missing file"])
+def test_damaged_pointer_falls_back_to_newest_intact_checkpoint(records, run, tmp_path, caplog, damage):
+    pointer = run / "checkpoints" / "latest.json"
+    if damage == "truncated":
+        pointer.write_text(pointer.read_text()[:20])
+        named = pointer
+    else:
+        pointer.write_text(json.dumps({**json.loads(pointer.read_text()), "latest": "model_0000008.pth"}))
+        named = ckpt_path(run, 8)
+    with caplog.at_level("WARNING", logger="mpformer_ray.train.checkpoint"):
+        plan = preflight(tiny_cfg(records, tmp_path, *RUN_SETTINGS))
+    assert plan.resume_from == str(ckpt_path(run, 4))
+    assert str(named) in caplog.text and str(ckpt_path(run, 4)) in caplog.text
+
+
+def test_no_readable_checkpoint_is_a_preflight_error_naming_the_directory(records, run, tmp_path):
+    for iteration in (2, 4):
+        truncate(ckpt_path(run, iteration))
+    with pytest.raises(PreflightError, match=rf"{run / 'checkpoints'}.*run\.name"):
+        preflight(tiny_cfg(records, tmp_path, *RUN_SETTINGS))
+
+
+@pytest.mark.parametrize("override", ["model.hidden_dim=64", "model.num_queries=16"])
+def test_checkpoint_that_does_not_fit_the_config_is_a_preflight_error(records, run, tmp_path, override):
+    field, value = override.split("=")
+    saved = load_checkpoint(str(ckpt_path(run, 4)))["config"]["model"][field.split(".")[1]]
+    with pytest.raises(PreflightError) as error:
+        preflight(tiny_cfg(records, tmp_path, *RUN_SETTINGS, override))
+    message = str(error.value)
+    assert str(ckpt_path(run, 4)) in message and f"{field}: checkpoint {saved}, config {value}" in message
+    assert "run.name" in message
+
+
+def test_restarted_workers_resume_from_their_own_job_not_the_drivers_first_choice(tmp_path):
+    state = {"iteration": 2, "model": {}, "config": {}, "classes": [], "metrics": {}}
+    CheckpointStore(str(tmp_path / "run"), job="earlier").save(state)
+    assert CheckpointStore(str(tmp_path / "run"), job="now").job_latest() is None
+    saved = CheckpointStore(str(tmp_path / "run"), job="now").save({**state, "iteration": 4})
+    assert CheckpointStore(str(tmp_path / "run"), job="now").job_latest() == saved
+
+
+def test_pointer_is_valid_json_with_nan_metrics_and_old_nan_pointers_still_read(tmp_path):
+    store = CheckpointStore(str(tmp_path / "run"))
+    store.save({"iteration": 2, "model": {}, "metrics": {"segm/APs": float("nan"), "segm/AP": 0.5}})
+
+    def strict(word: str):
+        raise ValueError(f"{word} is not JSON")
+
+    text = (tmp_path / "run" / "checkpoints" / "latest.json").read_text()
+    assert json.loads(text, parse_constant=strict)["metrics"] == {"segm/APs": None, "segm/AP": 0.5}
+
+    # a pointer written before this fix holds a bare NaN
+    (tmp_path / "run" / "checkpoints" / "latest.json").write_text(text.replace("null", "NaN"))
+    assert store.latest() == str(tmp_path / "run" / "checkpoints" / "model_0000002.pth")
+
+
+def test_resumed_run_without_pointer_keeps_its_best_checkpoint(tmp_path):
+    store = CheckpointStore(str(tmp_path / "run"), keep=1)
+    for iteration in (10, 20):
+        best = {"metric": "panoptic/PQ", "value": 1.0, "iteration": 10}
+        store.save({"iteration": iteration, "model": {}, "best": best}, is_best=iteration == 10)
+    (tmp_path / "run" / "checkpoints" / "latest.json").unlink()
+    store.save({"iteration": 30, "model": {}, "best": best})
+    assert [n for n in storage.listdir(store.dir) if n.endswith(".pth")] == ["model_0000010.pth", "model_0000030.pth"]
+    assert store.pointer()["best"]["checkpoint"] == "model_0000010.pth"
+
+
+def test_failed_preflight_leaves_no_run_directory(records, tmp_path):
+    with pytest.raises(PreflightError, match="data.train"):
+        preflight(tiny_cfg(records, tmp_path, f"data.train={tmp_path / 'nowhere'}"))
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("job", ["evaluate", "predict"])
+def test_inference_jobs_name_the_damaged_or_unfitting_checkpoint(job, run, tmp_path, capsys):
+    def fails(checkpoint: Path, *extra: str) -> str:
+        argv = ["--checkpoint", str(checkpoint), "--device", "cpu", *extra]
+        if job == "predict":
+            argv += ["--out", str(tmp_path / "pred"), str(tmp_path / "image.png")]
+        assert _job_main(job)(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        return err
+
+    assert "model.hidden_dim: checkpoint 32, config 64" in fails(run, "--set", "model.hidden_dim=64")
+    truncate(ckpt_path(run, 4))
+    assert str(ckpt_path(run, 4)) in fails(run)
+    pointer = run / "checkpoints" / "latest.json"
+    pointer.write_text(json.dumps({**json.loads(pointer.read_text()), "latest": "model_0000008.pth"}))
+    assert str(ckpt_path(run, 8)) in fails(run)
+    pointer.write_text("{")
+    assert str(pointer) in fails(run)
+
+
+def test_load_checkpoint_names_a_damaged_file(run):
+    truncate(ckpt_path(run, 2))
+    with pytest.raises(CheckpointError, match=rf"{ckpt_path(run, 2)}.*truncated or damaged"):
+        load_checkpoint(str(ckpt_path(run, 2)))
+    torch.save([1, 2], ckpt_path(run, 4))
+    with pytest.raises(CheckpointError, match=rf"{ckpt_path(run, 4)}.*not a training checkpoint"):
+        load_checkpoint(str(ckpt_path(run, 4)))
+
+
+@pytest.mark.slow
+def test_ctrl_c_names_latest_checkpoint_and_rerun_resumes_past_damage(local_data, tmp_path):
+    """Ctrl-C (SIGINT to the job's process group, as a terminal sends it) says where the latest
+    checkpoint is and exits 130; after losing latest.json and the newest checkpoint, the same
+    command resumes from the newest intact one, on every worker."""
+    cmd = train_argv(f"data.train={local_data['train']}", f"data.val={local_data['val']}",
+                     f"storage.uri={tmp_path / 'runs'}", "run.name=ctrlc", "train.max_iters=30",
+                     "train.checkpoint_period=5")
+    store = CheckpointStore(str(tmp_path / "runs" / "ctrlc"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
+    with open(tmp_path / "job.log", "w+") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while (store.pointer() or {}).get("iteration", 0) < 10:
+                assert proc.poll() is None, "training ended before its second checkpoint"
+                assert time.time() < deadline, "no second checkpoint within 300 s"
+                time.sleep(0.5)
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(timeout=120) == 130
+        finally:
+            kill_session(proc)
+        log.seek(0)
+        out = log.read()
+    latest = store.latest()
+    assert f"interrupted; latest checkpoint: {latest}; rerun the same command to resume" in out, out[-3000:]
+
+    names = [n for n in storage.listdir(store.dir) if n.endswith(".pth")]
+    newest, intact = (storage.join(store.dir, n) for n in names[::-1][:2])
+    (Path(store.dir) / "latest.json").unlink()
+    truncate(Path(newest))
+    out = run_job(cmd, timeout=480, cwd=tmp_path)
+    assert newest in out and intact in out
+    final = load_checkpoint(store.latest())
+    assert final["iteration"] == 30 and final["starts"] == [0, load_checkpoint(intact)["iteration"]]
