@@ -286,12 +286,17 @@ def load_config(preset: str | Path = DEFAULT_PRESET, overrides: list[str] | None
     return apply_overrides(cfg, overrides or [])
 
 
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """A copy of ``cfg`` (``cfg`` itself is left as it is) with dotted ``key=value`` overrides applied in
-    order, then validated as a whole; a ConfigError names the override and the field."""
+def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
+    """A copy of ``cfg`` (``cfg`` itself is left as it is) with dotted overrides applied in order, then
+    validated as a whole; a ConfigError names the override and the field. ``overrides`` are
+    ``key=value`` strings (values parsed as YAML, as ``--set`` gives them) or a
+    ``{dotted key: Python value}`` mapping (as a sweep's trials get them)."""
     cfg = copy.deepcopy(cfg)
-    for text in overrides:
-        keys, value = parse_override(text)
+    if isinstance(overrides, dict):
+        pairs = [(f"{k}={v!r}", k.split("."), v) for k, v in overrides.items()]
+    else:
+        pairs = [(text, *parse_override(text)) for text in overrides]
+    for text, keys, value in pairs:
         nested: Any = value
         for k in reversed(keys):
             nested = {k: nested}
@@ -379,3 +384,21 @@ def piloted_layers(cfg: ModelConfig) -> int:
 
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def field_type(dotted: str) -> Any:
+    """The annotation of config field ``dotted`` (``"model.pilot.groups"`` -> ``int``); a
+    ConfigError names the first unknown part and the valid keys there."""
+    cls: Any = Config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"{'.'.join(parts[:i])} is a field, not a section: {dotted!r} names nothing")
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            where = ".".join(parts[:i]) or "the config"
+            raise ConfigError(f"unknown field {dotted!r}: {where} has no key {part!r}; valid keys are "
+                              f"{[f.name for f in dataclasses.fields(cls)]}")
+        cls = hints[part]
+    return cls
+

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +16,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+VENV_BIN = Path(sys.executable).parent
 
 _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -74,3 +80,67 @@ def synthetic_coco(tmp_path_factory) -> Path:
     write_coco_layout(root, "train", num=12, size=64, seed=0)
     write_coco_layout(root, "val", num=4, size=64, seed=0)
     return root
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def client_env(home: Path, **auth: str) -> dict[str, str]:
+    """Environment for a ``ray`` CLI client: no token source but those in ``auth`` (HOME points at
+    an empty directory so a developer's own ~/.ray/auth_token is not picked up)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=str(home), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1", **auth)
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A token-authenticated Ray head; yields {"address", "token", "home"}."""
+    base = tmp_path_factory.mktemp("ray_head")
+    home = base / "home"
+    home.mkdir()
+    token = secrets.token_hex(32)
+    gcs, dashboard, client, agent_listen, agent_grpc, runtime_env, metrics = _free_ports(7)
+    temp_dir = Path("/tmp") / f"rjs-{secrets.token_hex(4)}"  # unix socket paths must stay short
+    log = open(base / "head.log", "w")
+    # the job's `python` resolves on the head's PATH: put this interpreter's env first
+    env = client_env(home, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    head = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
+         "--dashboard-port", str(dashboard), "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
+         "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent_listen),
+         "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env),
+         "--metrics-export-port", str(metrics), "--temp-dir", str(temp_dir)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # the dashboard answers (refusing an unauthenticated call is an answer)
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if head.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"ray head did not come up: {(base / 'head.log').read_text()[-3000:]}")
+                time.sleep(1)
+        yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "token": token, "home": home, "temp_dir": temp_dir}
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
+            try:
+                head.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait()
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)  # outside the test's tmp_path, so nothing else removes it

@@ -49,6 +49,7 @@ def _errors(validator, manifest):
 @pytest.mark.parametrize("manifest, crd, kind", [
     ("raycluster.yaml", "ray.io_rayclusters.yaml", "RayCluster"),
     ("rayjob.yaml", "ray.io_rayjobs.yaml", "RayJob"),
+    ("rayjob-sweep.yaml", "ray.io_rayjobs.yaml", "RayJob"),
 ])
 def test_kuberay_manifests_validate(manifest, crd, kind):
     doc = yaml.safe_load((ROOT / "cluster" / manifest).read_text())
@@ -85,3 +86,27 @@ def test_cluster_launcher_yaml_validates_against_ray_schema():
     bad["max_workerz"] = 3
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, schema)
+
+
+def test_sweep_rayjob_entrypoint_is_a_valid_sweep():
+    """The sweep RayJob's command line parses, its config and sweep file load, and the sweep is
+    checked against that config (as jobs/tune.py does before any trial starts)."""
+    import importlib.util
+    import shlex
+
+    spec = importlib.util.spec_from_file_location("tune_job", ROOT / "jobs" / "tune.py")
+    tune_job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune_job)
+
+    from mpformer_ray.config import load_config
+    from mpformer_ray.tune import load_sweep
+
+    doc = yaml.safe_load((ROOT / "cluster" / "rayjob-sweep.yaml").read_text())
+    argv = shlex.split(doc["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "jobs/tune.py"]
+    args = tune_job.parse_args(argv[2:])
+    cfg = load_config(str(ROOT / args.config), args.overrides)
+    sweep = load_sweep(str(ROOT / args.space), cfg, num_samples=args.num_samples, max_concurrent=args.max_concurrent)
+    assert sweep.num_samples == 32 and sweep.max_concurrent == 4 and cfg.train.use_gpu
+    group = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert group["minReplicas"] == 0 and group["maxReplicas"] >= sweep.max_concurrent * cfg.train.workers

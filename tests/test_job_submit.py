@@ -11,20 +11,14 @@ with ``ray stop``: that command stops every Ray process on the machine, other se
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import client_env
 
 from mpformer_ray.config import load_config
 from mpformer_ray.data.coco import convert_coco
@@ -42,70 +36,6 @@ TINY = [
 ]
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _client_env(home: Path, **auth: str) -> dict[str, str]:
-    """Environment for a ``ray`` CLI client: no token source but those in ``auth`` (HOME points at
-    an empty directory so a developer's own ~/.ray/auth_token is not picked up)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    env.update(HOME=str(home), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1", **auth)
-    return env
-
-
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A token-authenticated Ray head; yields {"address", "token", "home"}."""
-    base = tmp_path_factory.mktemp("ray_head")
-    home = base / "home"
-    home.mkdir()
-    token = secrets.token_hex(32)
-    gcs, dashboard, client, agent_listen, agent_grpc, runtime_env, metrics = _free_ports(7)
-    temp_dir = Path("/tmp") / f"rjs-{secrets.token_hex(4)}"  # unix socket paths must stay short
-    log = open(base / "head.log", "w")
-    # the job's `python` resolves on the head's PATH: put this interpreter's env first
-    env = _client_env(home, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
-         "--dashboard-port", str(dashboard), "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
-         "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent_listen),
-         "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env),
-         "--metrics-export-port", str(metrics), "--temp-dir", str(temp_dir)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # the dashboard answers (refusing an unauthenticated call is an answer)
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if head.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"ray head did not come up: {(base / 'head.log').read_text()[-3000:]}")
-                time.sleep(1)
-        yield {"address": address, "token": token, "home": home}
-    finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
-            try:
-                head.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
-                head.wait()
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)  # outside the test's tmp_path, so nothing else removes it
-
-
 def _submit(ray_head, env: dict, entrypoint: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--working-dir", str(ROOT),
@@ -114,10 +44,10 @@ def _submit(ray_head, env: dict, entrypoint: list[str], timeout: int = 420) -> s
 
 def test_submit_without_or_with_wrong_token_is_refused(ray_head):
     entry = ["python", "-c", "print('should not run')"]
-    no_token = _submit(ray_head, _client_env(ray_head["home"]), entry)
+    no_token = _submit(ray_head, client_env(ray_head["home"]), entry)
     assert no_token.returncode != 0
     assert "Unauthorized" in no_token.stderr or "Authentication" in no_token.stderr
-    wrong = _submit(ray_head, _client_env(ray_head["home"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-the-token"),
+    wrong = _submit(ray_head, client_env(ray_head["home"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="not-the-token"),
                     entry)
     assert wrong.returncode != 0 and "Invalid authentication token" in wrong.stderr
     assert "should not run" not in no_token.stdout + wrong.stdout
@@ -134,7 +64,7 @@ def test_submit_evaluate_job_with_token(ray_head, synthetic_coco, tmp_path):
     # the token from a file, the way a workstation keeps it (RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)
     token_file = tmp_path / "token"
     token_file.write_text(ray_head["token"])
-    env = _client_env(ray_head["home"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    env = client_env(ray_head["home"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
     proc = _submit(ray_head, env, ["python", "jobs/evaluate.py", "--checkpoint", str(tmp_path / "run"),
                                    "--max-images", "2", "--device", "cpu"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -147,7 +77,7 @@ def test_submit_evaluate_job_with_token(ray_head, synthetic_coco, tmp_path):
 def test_submit_train_job_with_token(ray_head, tmp_path):
     """The product's main job through `ray job submit`: synthetic data generated on first use,
     2 workers at 0.5 CPU on the head's 2 CPUs, checkpoints and a final evaluation."""
-    env = _client_env(ray_head["home"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=ray_head["token"])
+    env = client_env(ray_head["home"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=ray_head["token"])
     sets = TINY + [
         f"data.synthetic.root={tmp_path / 'synthetic'}", "data.synthetic.num_train=8", "data.synthetic.num_val=2",
         "data.synthetic.image_size=64", "data.crop_size=[64,64]", "train.batch_size=2", "train.max_iters=4",

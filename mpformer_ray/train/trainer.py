@@ -207,6 +207,8 @@ def build_trainer(plan: TrainPlan, callbacks: list | None = None) -> ray.train.t
     from mpformer_ray.data.pipeline import build_dataset
 
     cfg, t = plan.cfg, plan.cfg.train
+    # one progress bar per epoch would bury the training log, which already reports throughput
+    ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = build_dataset(cfg.data.train, cfg, train=True, endpoint_url=plan.endpoint_url)
     fs, path = storage.resolve(cfg.storage.uri, plan.endpoint_url)
     return ray.train.torch.TorchTrainer(
@@ -217,10 +219,10 @@ def build_trainer(plan: TrainPlan, callbacks: list | None = None) -> ray.train.t
             "endpoint_url": plan.endpoint_url,
             "classes": plan.classes,
             "main_metric": plan.main_metric,
-        },
-        scaling_config=ray.train.ScalingConfig(
             "resume_from": plan.resume_from,
             "job": plan.job,
+        },
+        scaling_config=ray.train.ScalingConfig(
             num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
@@ -233,18 +235,19 @@ def build_trainer(plan: TrainPlan, callbacks: list | None = None) -> ray.train.t
     )
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, runtime_env: dict | None = None) -> None:
     """Connect to ``address`` / ``RAY_ADDRESS`` (a cluster or ``ray job submit``), else start a
-    local Ray on this machine's cores."""
+    local Ray on this machine's cores. ``runtime_env`` is merged into the job's (Ray refuses
+    keys that ``ray job submit`` also set)."""
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=len(os.sched_getaffinity(0)))
+        ray.init(num_cpus=len(os.sched_getaffinity(0)), runtime_env=runtime_env)
 
 
-def _check_resources(cfg: Config) -> None:
+def check_resources(cfg: Config) -> None:
     """Warn when the workers would take every CPU: Ray Data's decode tasks then never get
     scheduled and training hangs (seen with 2 workers x 1 CPU on 2 cores)."""
     total = ray.cluster_resources().get("CPU", 0.0)
@@ -263,8 +266,6 @@ def run_training(cfg: Config, address: str | None = None) -> tuple[TrainPlan, ra
     more than ``train.max_failures`` times."""
     plan = preflight(cfg)
     init_ray(address)
-    _check_resources(plan.cfg)
-    # one progress bar per epoch would bury the training log, which already reports throughput
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    check_resources(plan.cfg)
     result = build_trainer(plan).fit()
     return plan, result

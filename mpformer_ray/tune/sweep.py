@@ -1,0 +1,244 @@
+"""Ray Tune wiring: a sweep is many runs of the training job, each a Tune trial.
+
+With Ray 2.60's Train V2 a Tuner does not wrap a TorchTrainer; a trial is a function that
+builds the training job's own TorchTrainer (``build_trainer``: same loop, workers, Ray Data
+input, checkpoint store) for its sampled config and fits it. Evaluations reach Tune through
+a ``TuneReportCallback`` on the Train controller, where ASHA and Optuna see them.
+
+Layout of a sweep under ``{storage.uri}/{run.name}/`` (local or ``s3://``)::
+
+    tuner.pkl, experiment_state-*.json, searcher / scheduler state   Tune's, for resume
+    sweep.json                     the sweep file and base config it started with
+    <trial_id>/                    one trial: Tune's result files and the training run
+      checkpoints/model_*.pth      (the training job's own layout and retention)
+    trials.csv, best_config.yaml, plots/*.png                         written at the end
+
+What makes this work on Ray 2.60 (see DESIGN.md section 4): the trial function itself asks
+for almost no CPU (its Train workers ask for theirs), each trial's TorchTrainer has its own
+storage path and name, and every Ray worker process gets ``RAY_ADDRESS`` set to this
+cluster's GCS, without which Train's placement-group cleaner cannot query the state API and
+a stopped trial's workers never release their CPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from mpformer_ray import storage
+from mpformer_ray.config import Config, to_yaml
+from mpformer_ray.tune.space import Sweep, SweepError, trial_config
+from mpformer_ray.train.trainer import TrainPlan, build_trainer, check_resources, init_ray, preflight
+
+log = logging.getLogger(__name__)
+
+# Tune saves its experiment state at most this often (seconds); a killed driver loses at most
+# this much of the sweep's bookkeeping (the trials' own checkpoints are separate)
+os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10")
+# a trial that does not stop within this many seconds of ASHA's decision is killed (default 600)
+os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "10")
+
+# import after the environment is set: Tune reads it at import time
+from ray import tune  # noqa: E402
+from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
+from ray.tune.search import BasicVariantGenerator  # noqa: E402
+
+SWEEP_STATE = "sweep.json"
+
+
+def export_ray_address() -> None:
+    """``worker_process_setup_hook``: point this worker's state-API calls at its own cluster."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+RUNTIME_ENV = {"worker_process_setup_hook": f"{__name__}.export_ray_address"}
+
+
+class EvaluationReport(TuneReportCallback):
+    """Forward to Tune only the reports that carry the objective (the evaluations): Tune
+    requires the objective in every result, and ASHA / Optuna should only see evaluations.
+    The training-window reports stay in the trial's own log."""
+
+    def __init__(self, metric: str) -> None:
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if metrics and self.metric in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
+def run_trial(params: dict[str, Any], plan: TrainPlan, sweep_uri: str) -> None:
+    """One Tune trial: the training job for ``plan.cfg`` with ``params`` ({dotted field: value})
+    applied, its run directory ``{sweep_uri}/{trial_id}`` (a restarted trial resumes there)."""
+    from mpformer_ray.log import setup_logging
+
+    setup_logging()
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(plan.cfg, params)
+    cfg.storage.uri, cfg.run.name = sweep_uri, trial_id
+    # the training job's own checks, resume decision included (a restarted trial's checkpoint)
+    trial_plan = preflight(cfg)
+    build_trainer(trial_plan, callbacks=[EvaluationReport(trial_plan.main_metric)]).fit()
+
+
+@dataclass
+class SweepResult:
+    """What a finished (or already finished) sweep hands back to the job."""
+
+    uri: str
+    metric: str
+    grid: Any  # ray.tune.ResultGrid
+    plan: TrainPlan
+
+
+def _search_alg(sweep: Sweep, metric: str):
+    if sweep.search == "grid":
+        return BasicVariantGenerator(random_state=sweep.seed)
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(metric=metric, mode="max", points_to_evaluate=sweep.points_to_evaluate or None,
+                        seed=sweep.seed)
+
+
+def _scheduler(sweep: Sweep, cfg: Config):
+    if sweep.scheduler == "none":
+        return FIFOScheduler()
+    # a resumed trial restarts Tune's own training_iteration; the reported iteration does not
+    return ASHAScheduler(time_attr="iteration", max_t=cfg.train.max_iters,
+                        grace_period=sweep.grace_iters(cfg.train.max_iters), reduction_factor=sweep.reduction_factor)
+
+
+def _sweep_state(sweep: Sweep, cfg: Config) -> dict:
+    """What defines a sweep; a rerun with a different one under the same run.name is refused."""
+    return {"sweep": dataclasses.asdict(sweep) | {"path": os.path.basename(sweep.path)}, "config": cfg.to_dict()}
+
+
+def _check_same_sweep(uri: str, state: dict, endpoint: str | None) -> None:
+    saved = json.loads(storage.read_bytes(storage.join(uri, SWEEP_STATE), endpoint))
+    # the CLI may change how many trials run at once on a rerun; nothing else
+    drop = ("max_concurrent",)
+    same = {k: v for k, v in saved["sweep"].items() if k not in drop} == \
+        {k: v for k, v in state["sweep"].items() if k not in drop} and saved["config"] == state["config"]
+    if not same:
+        changed = sorted(k for k in state["sweep"] if saved["sweep"].get(k) != state["sweep"][k] and k not in drop)
+        changed += sorted(f"config {section}" for section in state["config"]
+                          if saved["config"].get(section) != state["config"][section])
+        raise SweepError(f"{uri} holds a sweep started with another sweep file or config (differs in: "
+                         f"{', '.join(changed)}); rerun it unchanged to resume, or set another run.name")
+
+
+def run_sweep(cfg: Config, sweep: Sweep, *, resume: bool = False, address: str | None = None) -> SweepResult:
+    """Run (or resume, or just report) the sweep ``{cfg.storage.uri}/{cfg.run.name}``.
+
+    Pre-flight checks run on the driver before any trial starts (storage writable, datasets
+    readable, the sweep's fields valid). An existing sweep there is resumed: finished trials
+    are not rerun, unfinished ones continue from their latest checkpoint, the searcher's
+    state is restored. ``resume=True`` requires an existing sweep.
+    """
+    plan = preflight(cfg)
+    uri = plan.run_uri
+    fs, root = storage.resolve(plan.cfg.storage.uri, plan.endpoint_url)
+    exp_path = storage.resolve(uri, plan.endpoint_url)[1]
+    state = _sweep_state(sweep, plan.cfg)
+    existing = storage.exists(storage.join(uri, SWEEP_STATE), plan.endpoint_url)
+    if resume and not existing:
+        raise SweepError(f"--resume: no sweep to resume at {uri} (no {SWEEP_STATE}); run without --resume to start it")
+    if existing:
+        _check_same_sweep(uri, state, plan.endpoint_url)
+    elif storage.exists(storage.join(uri, "checkpoints"), plan.endpoint_url):
+        raise SweepError(f"{uri} holds a training run (checkpoints/), not a sweep; set another run.name for the sweep")
+    init_ray(address, runtime_env=RUNTIME_ENV)
+    check_resources(plan.cfg)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, plan=plan, sweep_uri=uri),
+        # The trial only waits on its TorchTrainer, so it takes no CPU: any fraction of one
+        # (even 0.01) leaves the node less than a whole free CPU, and Ray Data, which gets
+        # whole CPUs from Train's resource coordinator, then never starts a read task.
+        # A bundle needs some resource; a MiB of memory is one no Train worker asks for.
+        tune.PlacementGroupFactory([{"CPU": 0, "memory": 2**20}]),
+    )
+    if existing and tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        log.info("resuming the sweep at %s: finished trials are kept, unfinished ones continue "
+                 "from their latest checkpoint", uri)
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False, storage_filesystem=fs)
+    else:
+        storage.write_bytes(storage.join(uri, SWEEP_STATE), json.dumps(state, indent=1).encode(), plan.endpoint_url)
+        metric = plan.main_metric
+        tuner = tune.Tuner(
+            trainable,
+            param_space=sweep.tune_space(),
+            tune_config=tune.TuneConfig(
+                metric=metric, mode="max", search_alg=_search_alg(sweep, metric), scheduler=_scheduler(sweep, plan.cfg),
+                num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent, reuse_actors=False,
+                trial_name_creator=lambda t: t.trial_id, trial_dirname_creator=lambda t: t.trial_id),
+            run_config=tune.RunConfig(
+                name=plan.cfg.run.name, storage_path=root, storage_filesystem=fs,
+                # a failed trial is recorded with its reason and the sweep goes on; Ray Train
+                # already retried it train.max_failures times
+                failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    grid = tuner.fit()
+    return SweepResult(uri=uri, metric=plan.main_metric, grid=grid, plan=plan)
+
+
+def best_config(result: SweepResult) -> tuple[Config, Any]:
+    """(the best trial's full config, its Tune Result): the objective at each trial's last
+    evaluation, the same metric the training job picks its best checkpoint by. The config's
+    run.name is ``{sweep}-best`` under the sweep's storage.uri, so training it starts a new run."""
+    try:
+        best = result.grid.get_best_result(metric=result.metric, mode="max", scope="last", filter_nan_and_inf=True)
+    except RuntimeError:
+        raise SweepError(f"no trial of {result.uri} reported {result.metric}; see the trials table for the "
+                         "reasons") from None
+    params = {k: v for k, v in best.config.items()}
+    cfg = trial_config(result.plan.cfg, params)
+    cfg.run.name = f"{result.plan.cfg.run.name}-best"
+    return cfg, best
+
+
+def best_config_yaml(cfg: Config, trial_id: str, metric: str, value: float) -> str:
+    header = (f"# Best trial {trial_id} of sweep {cfg.run.name.removesuffix('-best')}: {metric} {value:.4f} at its last "
+              "evaluation.\n# Train it: python jobs/train.py --config <this file>\n")
+    return header + to_yaml(cfg)
+
+
+def finish_sweep(result: SweepResult, sweep: Sweep) -> str:
+    """Write the trials table, best_config.yaml and plots under the sweep's URI; returns the
+    text the job prints (table, best trial, where everything is)."""
+    from mpformer_ray.tune import report
+
+    cfg, endpoint, metric = result.plan.cfg, result.plan.endpoint_url, result.metric
+    names = [p.name for p in sweep.params]
+    table = report.trials_table(result.grid, metric, names, cfg.train.max_iters)
+    try:
+        best_cfg, best = best_config(result)
+    except SweepError as e:
+        best_cfg, best, missing = None, None, str(e)
+    best_yaml = None
+    if best is not None:
+        best_yaml = best_config_yaml(best_cfg, best.metrics.get("trial_id", "?"), metric, best.metrics[metric])
+    pngs = report.plots(table, report.learning_curves(result.grid, metric), metric, names)
+    written = report.write_outputs(result.uri, endpoint, table, best_yaml, pngs)
+    import pandas as pd
+
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
+        lines = [f"\nsweep {result.uri}: {len(table)} trials, objective {metric} (higher is better)\n",
+                 table.to_string(index=False)]
+    if best is None:
+        raise SweepError(f"{missing}\n" + "\n".join(lines))
+    lines += ["", f"best trial:    {best.metrics.get('trial_id')}  {metric} {best.metrics[metric]:.4f}  "
+                  + "  ".join(f"{n}={best.config.get(n)}" for n in names),
+              f"best config:   {written['best_config.yaml']}  (python jobs/train.py --config <it>)",
+              f"trials table:  {written['trials.csv']}",
+              f"plots:         {storage.join(result.uri, 'plots')}/"]
+    return "\n".join(lines)

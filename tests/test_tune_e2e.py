@@ -1,0 +1,177 @@
+"""jobs/tune.py end to end (slow): a 4-trial Optuna + ASHA sweep on a token-authenticated Ray head
+started for the test, with data, trials and sweep state on the moto S3 server. The driver is
+killed mid-sweep (one trial finished, the next one checkpointed) and the same command resumes it.
+
+Shown: no finished trial reruns, the interrupted trial resumes from its checkpoint, ASHA stops a
+trial early, every Train worker's CPU returns to the cluster, the trials table / plots /
+best_config.yaml land in the bucket, and the best config trains with jobs/train.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import client_env
+
+from mpformer_ray import storage
+from mpformer_ray.config import load_config
+from mpformer_ray.data.synthetic import ensure_synthetic
+from mpformer_ray.train import load_checkpoint
+from mpformer_ray.train.checkpoint import CheckpointStore
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_ITERS = 16
+TINY = [
+    "model.dec_layers=2", "model.enc_layers=1", "model.num_queries=8", "model.hidden_dim=32", "model.nheads=2",
+    "model.dim_feedforward=64", "model.enc_dim_feedforward=64", "model.mask_dim=32", "model.train_num_points=256",
+    "data.crop_size=[64,64]", "data.test_short_side=64", "data.test_max_size=64",
+    "train.batch_size=2", "train.workers=2", "train.cpus_per_worker=0.5", "train.log_period=4",
+    f"train.max_iters={MAX_ITERS}", "train.eval_period=4", "train.checkpoint_period=4",
+    # mIoU separates trials from the first evaluation on; PQ of a 4-iteration model is 0 for all
+    "model.test.panoptic_on=false", "model.test.instance_on=false",
+]
+# lr decides early progress: the first point learns, the second (1e-7) does not, so ASHA's first
+# rung has something to stop; the two Optuna suggestions follow
+SWEEP = """
+search: optuna
+scheduler: asha
+num_samples: 4
+max_concurrent: 1
+seed: 0
+asha: {grace_period: 8, reduction_factor: 2}
+space:
+  train.lr: {loguniform: [1.0e-7, 3.0e-3]}
+  model.pilot.groups: {randint: [1, 2]}
+points_to_evaluate:
+  - {train.lr: 3.0e-3, model.pilot.groups: 1}
+  - {train.lr: 1.0e-7, model.pilot.groups: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def s3_sweep(moto_server, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("synthetic")
+    cfg = load_config("tiny", [f"data.synthetic.root={root}", "data.synthetic.num_train=16",
+                               "data.synthetic.num_val=4", "data.synthetic.image_size=64"])
+    uris = {}
+    for split, local in zip(("train", "val"), ensure_synthetic(cfg.data.synthetic)):
+        uris[split] = f"s3://{moto_server['bucket']}/sweep-data/{split}"
+        for name in storage.listdir(local):
+            storage.write_bytes(storage.join(uris[split], name), storage.read_bytes(storage.join(local, name)))
+    space = tmp_path_factory.mktemp("space") / "sweep.yaml"
+    space.write_text(SWEEP)
+    return {**uris, "storage": f"s3://{moto_server['bucket']}/sweeps", "space": str(space)}
+
+
+def _cluster_cpus(ray_head) -> tuple[float, float]:
+    """(total, available) CPUs of the test's head, asked by a separate driver."""
+    code = ("import json, ray; ray.init(address='auto', logging_level='ERROR'); "
+            "print(json.dumps([ray.cluster_resources().get('CPU', 0), ray.available_resources().get('CPU', 0)]))")
+    env = client_env(ray_head["home"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=ray_head["token"],
+                     RAY_ADDRESS=ray_head["gcs"])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _trial_pointers(sweep_uri: str) -> dict[str, dict]:
+    """trial id -> its latest.json (trials that saved a checkpoint)."""
+    pointers = {}
+    for name in storage.listdir(sweep_uri):
+        if pointer := CheckpointStore(storage.join(sweep_uri, name)).pointer():
+            pointers[name] = pointer
+    return pointers
+
+
+def test_sweep_on_s3_survives_a_killed_driver(ray_head, s3_sweep, tmp_path):
+    sweep_uri = f"{s3_sweep['storage']}/asha"
+    cmd = [sys.executable, str(REPO / "jobs" / "tune.py"), "--space", s3_sweep["space"], "--set", *TINY,
+           f"data.train={s3_sweep['train']}", f"data.val={s3_sweep['val']}", f"storage.uri={s3_sweep['storage']}",
+           "run.name=asha"]
+    env = client_env(ray_head["home"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=ray_head["token"],
+                     RAY_ADDRESS=ray_head["gcs"])
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while True:
+            pointers = _trial_pointers(sweep_uri)
+            done = [t for t, p in pointers.items() if p["iteration"] == MAX_ITERS]
+            running = [t for t, p in pointers.items() if p["iteration"] < MAX_ITERS]
+            if done and running:
+                break
+            assert proc.poll() is None, f"the sweep ended early: {(tmp_path / 'first.log').read_text()[-4000:]}"
+            assert time.time() < deadline, "no finished and checkpointed trials within 600 s"
+            time.sleep(1)
+        time.sleep(12)  # one round of Tune's experiment-state saving (TUNE_GLOBAL_CHECKPOINT_S=10)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        log.close()
+    before = _trial_pointers(sweep_uri)
+    finished = {t: load_checkpoint(storage.join(sweep_uri, t, "checkpoints", p["latest"]))["starts"]
+                for t, p in before.items() if p["iteration"] == MAX_ITERS}
+    interrupted = {t: p["iteration"] for t, p in before.items() if p["iteration"] < MAX_ITERS}
+
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    out = resumed.stdout + resumed.stderr
+    (tmp_path / "second.log").write_text(out)
+    assert resumed.returncode == 0, out[-5000:]
+    assert "resuming the sweep" in out
+
+    # finished trials were not trained again; the interrupted one went on from its checkpoint
+    after = _trial_pointers(sweep_uri)
+    for trial, starts in finished.items():
+        ckpt = load_checkpoint(storage.join(sweep_uri, trial, "checkpoints", after[trial]["latest"]))
+        assert ckpt["starts"] == starts == [0], trial
+    for trial, at in interrupted.items():
+        ckpt = load_checkpoint(storage.join(sweep_uri, trial, "checkpoints", after[trial]["latest"]))
+        assert ckpt["starts"][0] == 0 and at <= ckpt["starts"][-1] < MAX_ITERS, (trial, ckpt["starts"])
+
+    # the table: 4 distinct trials, at least one stopped by ASHA, the Optuna suggestions not repeated
+    rows = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{sweep_uri}/trials.csv").decode())))
+    assert len(rows) == 4 and len({r["trial"] for r in rows}) == 4
+    assert any(r["status"] == "stopped early (ASHA)" for r in rows), rows
+    assert all(r["status"] != "error" for r in rows), rows
+    assert len({(r["train.lr"], r["model.pilot.groups"]) for r in rows}) == 4
+    assert any(float(r["train.lr"]) == pytest.approx(3e-3) for r in rows)
+    for name in ("metric_vs_params.png", "history.png", "learning_curves.png"):
+        assert storage.read_bytes(f"{sweep_uri}/plots/{name}")[:8] == b"\x89PNG\r\n\x1a\n", name
+
+    # every CPU the trials' Train workers held is back
+    deadline = time.time() + 60
+    while (cpus := _cluster_cpus(ray_head))[1] < cpus[0]:
+        assert time.time() < deadline, f"resources did not return to the cluster: {cpus}"
+        time.sleep(2)
+
+    # a rerun of the finished sweep trains nothing and prints the same table
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert _trial_pointers(sweep_uri) == after
+    assert "best trial:" in again.stdout
+
+    # the best config is the best trial's, and jobs/train.py trains it
+    best = yaml.safe_load(storage.read_bytes(f"{sweep_uri}/best_config.yaml"))
+    best_row = max((r for r in rows if r["sem_seg/mIoU"]), key=lambda r: float(r["sem_seg/mIoU"]))
+    assert best["train"]["lr"] == pytest.approx(float(best_row["train.lr"]))
+    assert best["run"]["name"] == "asha-best" and best["storage"]["uri"] == s3_sweep["storage"]
+    local = tmp_path / "best_config.yaml"
+    local.write_bytes(storage.read_bytes(f"{sweep_uri}/best_config.yaml"))
+    train = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(local),
+                            "--set", "train.max_iters=4"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=420)
+    assert train.returncode == 0, (train.stdout + train.stderr)[-4000:]
+    assert CheckpointStore(f"{s3_sweep['storage']}/asha-best").pointer()["iteration"] == 4

@@ -1,0 +1,98 @@
+"""Sweep files: the shipped ones load against their presets, bad ones fail before any trial
+starts with a message naming the file and the field, and trial configs apply sampled values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mpformer_ray.config import ConfigError, load_config
+from mpformer_ray.tune.space import SWEEP_DIR, SweepError, load_sweep, trial_config
+
+SHIPPED = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "r50"])
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_sweeps_load(name, preset):
+    cfg = load_config(preset)
+    sweep = load_sweep(name, cfg)
+    assert sweep.params
+    for point in sweep.points_to_evaluate:
+        trial_config(cfg, point)  # every point is a valid config
+
+
+def test_default_sweep_searches_the_papers_three_and_starts_from_released_defaults_and_off():
+    cfg = load_config("tiny")
+    sweep = load_sweep("pilot", cfg)
+    names = {p.name for p in sweep.params}
+    assert {"model.pilot.noise_ratio", "model.pilot.groups", "model.pilot.label_noise"} <= names
+    assert sweep.search == "optuna" and sweep.scheduler == "asha"
+    points = sweep.points_to_evaluate
+    released = {"model.pilot.enabled": True, "model.pilot.noise_ratio": 0.0, "model.pilot.groups": 1,
+                "model.pilot.label_noise": 0.2}
+    assert released in points
+    assert any(p["model.pilot.enabled"] is False for p in points)
+    assert sweep.grace_iters(cfg.train.max_iters) == cfg.train.max_iters // 2
+
+
+def test_ablation_is_a_grid_of_pilot_off_and_on_by_three_seeds():
+    sweep = load_sweep("ablation", load_config("tiny"))
+    assert sweep.search == "grid" and sweep.scheduler == "none"
+    grid = {p.name: p.values for p in sweep.params}
+    assert grid == {"model.pilot.enabled": [False, True], "train.seed": [0, 1, 2]}
+
+
+def test_trial_config_applies_sampled_values_and_revalidates():
+    cfg = load_config("tiny")
+    trial = trial_config(cfg, {"model.pilot.groups": 3, "train.lr": 3e-4, "model.pilot.mask_noise": "shift"})
+    assert (trial.model.pilot.groups, trial.train.lr, trial.model.pilot.mask_noise) == (3, 3e-4, "shift")
+    assert cfg.model.pilot.groups == 1  # the base is not changed
+    with pytest.raises(ConfigError, match="model.pilot.layers"):
+        trial_config(cfg, {"model.pilot.layers": 99})
+
+
+BAD = [
+    ("space: {model.pilot.noise_ration: {uniform: [0.0, 0.4]}}", "model.pilot.noise_ration"),
+    ("space: {model.pilot: {uniform: [0.0, 0.4]}}", "model.pilot is a config section"),
+    ("space: {model.pilot.noise_ratio: {normal: [0.0, 0.4]}}", "unknown distribution 'normal'"),
+    ("space: {model.pilot.noise_ratio: [0.0, 0.4]}", "model.pilot.noise_ratio must be one distribution"),
+    ("space: {model.pilot.noise_ratio: {uniform: [0.4, 0.0]}}", "needs low < high"),
+    ("space: {model.pilot.noise_ratio: {uniform: [0.0]}}", "takes \\[low, high\\]"),
+    ("space: {model.pilot.label_noise: {uniform: [0.0, 1.5]}}", "model.pilot.label_noise.*must lie in \\[0, 1\\]"),
+    ("space: {model.pilot.groups: {uniform: [1, 3]}}", "model.pilot.groups is a field of type int"),
+    ("space: {model.pilot.groups: {randint: [0, 3]}}", "model.pilot.groups.*must be >= 1"),
+    ("space: {model.pilot.mask_noise: {choice: [point, blur]}}", "model.pilot.mask_noise.*'blur'"),
+    ("space: {model.pilot.layers: {choice: [all, 12]}}", "model.pilot.layers.*\\[1, 3\\]"),
+    ("space: {train.lr: {loguniform: [0.0, 0.001]}}", "loguniform needs low > 0"),
+    ("space: {}", "'space' must map at least one config field"),
+    ("search: optuna\nspace: {train.seed: {grid: [0, 1]}}", "only --search grid runs"),
+    ("space: {train.lr: {uniform: [0.0001, 0.001]}}\npoints_to_evaluate: [{train.lr: 0.01}]",
+     "train.lr=0.01 lies outside"),
+    ("space: {train.lr: {uniform: [0.0001, 0.001]}}\npoints_to_evaluate: [{model.pilot.groups: 2}]",
+     "a point must give every searched field"),
+    ("space: {train.lr: {uniform: [0.0001, 0.001]}}\nasha: {grace_period: 300}", "asha.grace_period=300"),
+    ("space: {train.lr: {uniform: [0.0001, 0.001]}}\nsamples: 3", "unknown key\\(s\\) \\['samples'\\]"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD, ids=[m for _, m in BAD])
+def test_bad_sweep_files_name_the_file_and_field(tmp_path: Path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SweepError, match=message) as info:
+        load_sweep(str(path), load_config("tiny"))
+    assert str(path) in str(info.value)
+
+
+def test_cli_options_override_the_file_and_are_checked():
+    cfg = load_config("tiny")
+    sweep = load_sweep("pilot", cfg, num_samples=2, scheduler="none", max_concurrent=None)
+    assert (sweep.num_samples, sweep.scheduler, sweep.max_concurrent) == (2, "none", 1)
+    with pytest.raises(SweepError, match="only --search grid runs"):
+        load_sweep("ablation", cfg, search="optuna")
+    with pytest.raises(SweepError, match="train.eval_period=0"):
+        load_sweep("pilot", load_config("tiny", ["train.eval_period=0"]))
+    with pytest.raises(SweepError, match="unknown sweep 'nope'"):
+        load_sweep("nope", cfg)
