@@ -56,7 +56,14 @@ def trials_table(grid: Any, metric: str, params: list[str], max_iters: int) -> p
         })
     if not rows:
         return pd.DataFrame(rows)
-    return pd.DataFrame(rows).sort_values("_started", kind="stable", ignore_index=True).drop(columns="_started")
+    table = pd.DataFrame(rows).sort_values("_started", kind="stable", ignore_index=True).drop(columns="_started")
+    # a trial without results must not turn the other trials' 8 into 8.0
+    table["iteration"] = table["iteration"].astype("Int64")
+    for name in params:
+        values = [r[name] for r in rows if r[name] is not None]
+        if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            table[name] = table[name].astype("Int64")
+    return table
 
 
 def learning_curves(grid: Any, metric: str) -> dict[str, pd.DataFrame]:

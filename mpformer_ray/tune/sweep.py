@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,11 +109,50 @@ def _search_alg(sweep: Sweep, metric: str):
                         seed=sweep.seed)
 
 
+def _reported(trial, time_attr: str, metric: str) -> list[tuple[float, float]]:
+    """(time, objective) of every result ``trial`` reported, from its result.json in storage."""
+    fs = trial.storage.storage_filesystem
+    path = posixpath.join(trial.storage.trial_fs_path, "result.json")
+    try:
+        with fs.open_input_stream(path) as f:
+            lines = f.read().decode().splitlines()
+    except (FileNotFoundError, OSError):
+        return []
+    results = [json.loads(line) for line in lines if line.strip()]
+    return [(r[time_attr], r[metric]) for r in results if time_attr in r and r.get(metric) is not None]
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs survive a driver restart. Tune restores a sweep's scheduler as it was
+    pickled when the sweep started, with no rung recorded, so a resumed trial would be compared
+    with nobody; at its first decision in a new driver this scheduler replays every trial's
+    reported evaluations (their result.json) into the rungs, as if it had seen them live."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._replayed = False
+
+    def __setstate__(self, state: dict) -> None:
+        # unpickled = restored: its rungs may lag behind what the trials reported
+        self.__dict__.update(state, _replayed=False)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if not self._replayed:
+            self._replayed = True
+            for known in tune_controller.get_trials():
+                if known.trial_id not in self._trial_info:
+                    self.on_trial_add(tune_controller, known)
+                bracket = self._trial_info[known.trial_id]
+                for time, value in _reported(known, self._time_attr, self._metric):
+                    bracket.on_result(known, time, self._metric_op * value)
+        return super().on_trial_result(tune_controller, trial, result)
+
+
 def _scheduler(sweep: Sweep, cfg: Config):
     if sweep.scheduler == "none":
         return FIFOScheduler()
     # a resumed trial restarts Tune's own training_iteration; the reported iteration does not
-    return ASHAScheduler(time_attr="iteration", max_t=cfg.train.max_iters,
+    return ResumableASHA(time_attr="iteration", max_t=cfg.train.max_iters,
                         grace_period=sweep.grace_iters(cfg.train.max_iters), reduction_factor=sweep.reduction_factor)
 
 
