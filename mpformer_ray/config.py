@@ -235,21 +235,24 @@ def _build(cls: type, data: dict[str, Any], where: str, base: Any = None) -> Any
     return obj
 
 
-def _preset_path(name_or_path: str) -> Path:
+def find_yaml(name_or_path: str, directory: Path, file_word: str, name_word: str) -> Path:
+    """A ``.yaml`` / ``.yml`` path as given, else ``directory/<name>.yaml``; a ConfigError names the
+    missing file, or the unknown name and the names there (``file_word`` / ``name_word`` say what
+    is looked for: "config" / "preset", "sweep" / "sweep")."""
     path = Path(name_or_path).expanduser()
     if path.suffix in (".yaml", ".yml"):
         if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"{file_word} file {path} does not exist")
         return path
-    preset = CONFIG_DIR / f"{name_or_path}.yaml"
-    if not preset.exists():
-        available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown preset {name_or_path!r}; choose one of {available} or give a .yaml path")
-    return preset
+    named = directory / f"{name_or_path}.yaml"
+    if not named.exists():
+        available = sorted(p.stem for p in directory.glob("*.yaml"))
+        raise ConfigError(f"unknown {name_word} {name_or_path!r}; choose one of {available} or give a .yaml path")
+    return named
 
 
 def _load_yaml_chain(name_or_path: str, seen: tuple[str, ...] = ()) -> list[tuple[Path, dict]]:
-    path = _preset_path(name_or_path)
+    path = find_yaml(name_or_path, CONFIG_DIR, "config", "preset")
     if str(path) in seen:
         raise ConfigError(f"{path}: 'base' presets form a cycle: {' -> '.join(seen)}")
     try:

@@ -1,7 +1,9 @@
-"""Shared session fixtures: a real S3-compatible server (moto) and a small synthetic COCO layout."""
+"""Shared session fixtures: a real S3-compatible server (moto), a small synthetic COCO layout, and
+token-authenticated Ray heads started for a test module."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -82,7 +84,7 @@ def synthetic_coco(tmp_path_factory) -> Path:
     return root
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     try:
         for s in sockets:
@@ -101,25 +103,41 @@ def client_env(home: Path, **auth: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A token-authenticated Ray head; yields {"address", "token", "home"}."""
-    base = tmp_path_factory.mktemp("ray_head")
+def session_pids(session: int) -> list[int]:
+    """Pids of the live processes in ``session`` (Ray's workers and nodes keep the session of the
+    process that started the head, though not always its process group)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session:  # field 6 of /proc/PID/stat: the session id
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@contextlib.contextmanager
+def started_ray_head(base: Path, *args: str, gcs_port: int | None = None, **env: str):
+    """``ray start --head --block`` with token authentication, ``args`` (e.g. ``--num-cpus 2``), extra
+    ``env`` and a temp dir of its own; yields {"address" (dashboard), "gcs", "token", "home"}. On exit
+    stops only what it started: every process of the head's session."""
     home = base / "home"
     home.mkdir()
     token = secrets.token_hex(32)
-    gcs, dashboard, client, agent_listen, agent_grpc, runtime_env, metrics = _free_ports(7)
-    temp_dir = Path("/tmp") / f"rjs-{secrets.token_hex(4)}"  # unix socket paths must stay short
+    gcs, dashboard, client, agent_listen, agent_grpc, runtime_env, metrics = free_ports(7)
+    gcs = gcs_port or gcs
+    temp_dir = Path("/tmp") / f"rh-{secrets.token_hex(4)}"  # unix socket paths must stay short
     log = open(base / "head.log", "w")
     # the job's `python` resolves on the head's PATH: put this interpreter's env first
-    env = client_env(home, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", *args, "--port", str(gcs),
          "--dashboard-port", str(dashboard), "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
          "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent_listen),
          "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env),
          "--metrics-export-port", str(metrics), "--temp-dir", str(temp_dir)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env=client_env(home, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, **env), stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.time() + 120
@@ -133,14 +151,27 @@ def ray_head(tmp_path_factory):
                 if head.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"ray head did not come up: {(base / 'head.log').read_text()[-3000:]}")
                 time.sleep(1)
-        yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "token": token, "home": home, "temp_dir": temp_dir}
+        yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "token": token, "home": home}
     finally:
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
             try:
                 head.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
-                head.wait()
+                pass
+        for pid in session_pids(head.pid):  # what outlived it (an autoscaler's fake nodes, their workers)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if head.poll() is None:
+            head.wait(timeout=10)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)  # outside the test's tmp_path, so nothing else removes it
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A token-authenticated Ray head with 2 CPUs; yields {"address", "gcs", "token", "home"}."""
+    with started_ray_head(tmp_path_factory.mktemp("ray_head"), "--num-cpus", "2") as head:
+        yield head

@@ -28,12 +28,11 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mpformer_ray.config import CONFIG_DIR, Config, ConfigError, apply_overrides, field_type
+from mpformer_ray.config import CONFIG_DIR, Config, ConfigError, apply_overrides, field_type, find_yaml
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 DEFAULT_SWEEP = "pilot"
@@ -185,26 +184,16 @@ def _parse_point(cfg: Config, params: list[Param], point: Any, where: str) -> di
     return out
 
 
-def sweep_path(name_or_path: str) -> Path:
-    path = Path(name_or_path).expanduser()
-    if path.suffix in (".yaml", ".yml"):
-        if not path.exists():
-            raise SweepError(f"sweep file {path} does not exist")
-        return path
-    named = SWEEP_DIR / f"{name_or_path}.yaml"
-    if not named.exists():
-        available = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
-        raise SweepError(f"unknown sweep {name_or_path!r}; choose one of {available} or give a .yaml path")
-    return named
-
-
 def load_sweep(name_or_path: str, cfg: Config, **options: Any) -> Sweep:
     """Parse and validate a sweep file against ``cfg`` (the base config every trial starts from).
 
     ``options`` (search, scheduler, num_samples, max_concurrent; None = the file's value)
     override the file's top-level choices, as the CLI does.
     """
-    path = sweep_path(name_or_path)
+    try:
+        path = find_yaml(name_or_path, SWEEP_DIR, "sweep", "sweep")
+    except ConfigError as e:
+        raise SweepError(str(e)) from None
     where = str(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
