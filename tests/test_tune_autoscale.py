@@ -2,7 +2,8 @@
 
 The head, started for the test with ``RAY_FAKE_CLUSTER=1 ray start --head --num-cpus=0
 --autoscaling-config=...`` and a temp dir of its own, has no CPU; the autoscaler may start up to
-2 worker nodes of 2 CPUs. A 2-trial sweep submitted to it can only run on worker nodes that did
+2 worker nodes of 4 (logical) CPUs: Ray Data gets whole CPUs that Train's workers leave on a node,
+split between the trials running there, so 2 trials of 1 worker x 1 CPU need 4 on a node. A 2-trial sweep submitted to it can only run on worker nodes that did
 not exist when it started; they are gone again after the idle timeout (15 s). One of the two
 trials loses a Train worker (fault injection, no restarts allowed): it is recorded as failed with
 its reason and the other trial still runs to the end.
@@ -60,7 +61,7 @@ def autoscaling_head(tmp_path_factory):
                      "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{gcs}"},
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-            "ray.worker.cpu": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+            "ray.worker.cpu": {"resources": {"CPU": 4}, "node_config": {}, "min_workers": 0, "max_workers": 2},
         },
         "head_node_type": "ray.head.default", "auth": {}, "docker": {}, "file_mounts": {},
         "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
@@ -118,7 +119,7 @@ def test_sweep_scales_the_cluster_up_and_down(autoscaling_head, moto_server, tmp
 
     # the trials' Train workers asked for CPUs only new worker nodes had
     workers = [n for n in _nodes(autoscaling_head) if not n["head"]]
-    assert workers and all(n["start_ms"] >= started and n["cpus"] == 2 for n in workers), workers
+    assert workers and all(n["start_ms"] >= started and n["cpus"] == 4 for n in workers), workers
 
     # idle worker nodes go after idle_timeout_minutes (15 s) plus the autoscaler's rounds
     deadline = time.time() + 120

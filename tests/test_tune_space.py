@@ -96,3 +96,26 @@ def test_cli_options_override_the_file_and_are_checked():
         load_sweep("pilot", load_config("tiny", ["train.eval_period=0"]))
     with pytest.raises(SweepError, match="unknown sweep 'nope'"):
         load_sweep("nope", cfg)
+
+
+def test_a_sweep_resumes_only_unchanged(tmp_path):
+    import json
+
+    from mpformer_ray.tune.sweep import SWEEP_STATE, _check_same_sweep, _sweep_state
+
+    cfg = load_config("tiny")
+    sweep = load_sweep("pilot", cfg)
+    state = _sweep_state(sweep, cfg)
+    (tmp_path / SWEEP_STATE).write_text(json.dumps(state))
+    _check_same_sweep(str(tmp_path), _sweep_state(load_sweep("pilot", cfg, max_concurrent=3), cfg), None)
+    # a field a later version added (with its default) is no change
+    older = json.loads(json.dumps(state))
+    del older["config"]["train"]["lr"]
+    (tmp_path / SWEEP_STATE).write_text(json.dumps(older))
+    _check_same_sweep(str(tmp_path), state, None)
+    (tmp_path / SWEEP_STATE).write_text(json.dumps(state))
+    changed = load_config("tiny", ["train.max_iters=10", "train.eval_period=5"])
+    with pytest.raises(SweepError, match="differs in: train.eval_period, train.max_iters"):
+        _check_same_sweep(str(tmp_path), _sweep_state(load_sweep("pilot", changed), changed), None)
+    with pytest.raises(SweepError, match="differs in: sweep num_samples"):
+        _check_same_sweep(str(tmp_path), _sweep_state(load_sweep("pilot", cfg, num_samples=9), cfg), None)

@@ -161,16 +161,25 @@ def _sweep_state(sweep: Sweep, cfg: Config) -> dict:
     return {"sweep": dataclasses.asdict(sweep) | {"path": os.path.basename(sweep.path)}, "config": cfg.to_dict()}
 
 
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _check_same_sweep(uri: str, state: dict, endpoint: str | None) -> None:
+    """Refuse to continue a sweep with another sweep file or config. Only what the sweep was
+    started with counts: a field a later version of the platform added (with its default) does not
+    make a sweep un-resumable, and the CLI may change how many trials run at once."""
     saved = json.loads(storage.read_bytes(storage.join(uri, SWEEP_STATE), endpoint))
-    # the CLI may change how many trials run at once on a rerun; nothing else
-    drop = ("max_concurrent",)
-    same = {k: v for k, v in saved["sweep"].items() if k not in drop} == \
-        {k: v for k, v in state["sweep"].items() if k not in drop} and saved["config"] == state["config"]
-    if not same:
-        changed = sorted(k for k in state["sweep"] if saved["sweep"].get(k) != state["sweep"][k] and k not in drop)
-        changed += sorted(f"config {section}" for section in state["config"]
-                          if saved["config"].get(section) != state["config"][section])
+    now = {**_flat(state["sweep"], "sweep "), **_flat(state["config"])}
+    changed = sorted(k for k, v in {**_flat(saved["sweep"], "sweep "), **_flat(saved["config"])}.items()
+                     if k != "sweep max_concurrent" and now.get(k, v) != v)
+    if changed:
         raise SweepError(f"{uri} holds a sweep started with another sweep file or config (differs in: "
                          f"{', '.join(changed)}); rerun it unchanged to resume, or set another run.name")
 
