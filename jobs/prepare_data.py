@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mpformer_ray.data.prepare import DATASETS, format_summary, prepare  # noqa: E402
 from mpformer_ray.data.records import DataError  # noqa: E402
+from mpformer_ray.data.synthetic import VARIANTS  # noqa: E402
 from mpformer_ray.storage import StorageError  # noqa: E402
 from mpformer_ray.tasks import TASKS  # noqa: E402
 
@@ -38,13 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-images", type=int, default=64, help="synthetic only: images to generate")
     p.add_argument("--image-size", type=int, default=128, help="synthetic only: image side in pixels")
     p.add_argument("--seed", type=int, default=0, help="synthetic only")
+    p.add_argument("--variant", choices=VARIANTS, default="easy",
+                   help="synthetic only: generator (hard = 20 classes, crowded, occluded, thin and small objects)")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (else AWS_ENDPOINT_URL)")
     args = p.parse_args(argv)
     out = args.out or str(Path(args.root).expanduser() / "records" / f"{args.split}-{args.task}")
     try:
         manifest = prepare(args.dataset, args.task, args.root, args.split, out, shard_size=args.shard_size,
                            num_workers=args.workers, strict=args.strict, endpoint_url=args.endpoint_url,
-                           num_images=args.num_images, image_size=args.image_size, seed=args.seed)
+                           num_images=args.num_images, image_size=args.image_size, seed=args.seed,
+                           variant=args.variant)
     except (DataError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

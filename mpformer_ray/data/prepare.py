@@ -13,10 +13,11 @@ DATASETS = ("coco", "ade20k", "cityscapes", "synthetic")
 
 def prepare(dataset: str, task: str, root: str, split: str, out: str, *, shard_size: int = 500,
             num_workers: int = 0, strict: bool = False, endpoint_url: str | None = None,
-            num_images: int = 64, image_size: int = 128, seed: int = 0, progress: bool = True) -> dict:
+            num_images: int = 64, image_size: int = 128, seed: int = 0, variant: str = "easy",
+            progress: bool = True) -> dict:
     """Convert one split of a dataset on disk to records at ``out`` (local or s3://); returns the
-    manifest. ``synthetic`` first writes ``num_images`` generated scenes in the COCO layout under
-    ``root`` (kept if that split is already there), then converts them like COCO."""
+    manifest. ``synthetic`` first writes ``num_images`` generated scenes (generator ``variant``) in the
+    COCO layout under ``root`` (kept if that split is already there), then converts them like COCO."""
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     check_task(task)
@@ -24,7 +25,7 @@ def prepare(dataset: str, task: str, root: str, split: str, out: str, *, shard_s
     if dataset in ("coco", "synthetic"):
         layout_done = (Path(root).expanduser() / "annotations" / f"panoptic_{split}2017.json").exists()
         if dataset == "synthetic" and not layout_done:
-            write_coco_layout(root, split, num_images, image_size, seed)
+            write_coco_layout(root, split, num_images, image_size, seed, variant)
         return convert_coco(root, split, out, dataset=dataset, progress=progress, **kw)
     if dataset == "ade20k":
         from mpformer_ray.data.ade20k import convert_ade20k

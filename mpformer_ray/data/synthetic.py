@@ -16,7 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -190,32 +190,50 @@ def _bbox(mask: np.ndarray) -> list[float]:
     return [float(v) for v in mask_util.toBbox(mask_util.encode(np.asfortranarray(mask.astype(np.uint8))))]
 
 
-def write_coco_layout(root: str | Path, split: str, num: int, size: int, seed: int) -> None:
-    """Write ``num`` scenes of ``size`` x ``size`` as COCO 2017 files under ``root``:
-    ``{split}2017/*.jpg``, ``annotations/instances_{split}2017.json`` and
-    ``annotations/panoptic_{split}2017.json`` + ``annotations/panoptic_{split}2017/*.png``."""
+VARIANTS = ("easy", "hard")
+
+
+def synthetic_variant(variant: str) -> tuple[list[dict], list[int], Callable[..., Iterator[dict]]]:
+    """Generator ``variant``'s (classes, their COCO category ids, ``generate_scenes``-like function):
+    "easy" is this module's, "hard" is ``synthetic_hard``'s."""
+    if variant == "easy":
+        return SYNTHETIC_CLASSES, COCO_SOURCE_IDS, generate_scenes
+    if variant == "hard":
+        # imported here: the hard generator builds on this module's rasterizer
+        from mpformer_ray.data.synthetic_hard import HARD_CLASSES, HARD_SOURCE_IDS, generate_hard_scenes
+        return HARD_CLASSES, HARD_SOURCE_IDS, generate_hard_scenes
+    raise ValueError(f"unknown synthetic variant {variant!r}: choose one of {list(VARIANTS)} "
+                     "(data.synthetic.variant, or prepare_data.py --variant)")
+
+
+def write_coco_layout(root: str | Path, split: str, num: int, size: int, seed: int, variant: str = "easy") -> None:
+    """Write ``num`` scenes of ``size`` x ``size`` from generator ``variant`` (see ``synthetic_variant``)
+    as COCO 2017 files under ``root``: ``{split}2017/*.jpg``, ``annotations/instances_{split}2017.json``
+    and ``annotations/panoptic_{split}2017.json`` + ``annotations/panoptic_{split}2017/*.png``."""
+    classes, source_ids, scenes = synthetic_variant(variant)
     root = Path(root).expanduser()
     img_dir, pan_dir = root / f"{split}2017", root / "annotations" / f"panoptic_{split}2017"
     img_dir.mkdir(parents=True, exist_ok=True)
     pan_dir.mkdir(parents=True, exist_ok=True)
     images, instances, panoptic = [], [], []
     ann_id = 1
-    for i, scene in enumerate(generate_scenes(num, size, size, split_seed(seed, split))):
+    for i, scene in enumerate(scenes(num, size, size, split_seed(seed, split))):
         image_id = i + 1
         name = f"{image_id:012d}"
         Image.fromarray(scene["image"]).save(img_dir / f"{name}.jpg", quality=95)
         images.append({"id": image_id, "file_name": f"{name}.jpg", "height": size, "width": size})
         rng = np.random.default_rng([split_seed(seed, split), image_id])
-        seg_ids = rng.choice(np.arange(1, 1 << 24), size=len(scene["segments"]), replace=False)
+        # ids 1 .. 2^24-1 (0 is void); drawn by count, not from an arange of 16M ids (same ids, no 128 MB array)
+        seg_ids = rng.choice((1 << 24) - 1, size=len(scene["segments"]), replace=False) + 1
         id_map = np.zeros((size, size), np.int64)
         segments_info = []
         for seg, seg_id in zip(scene["segments"], seg_ids.tolist()):
-            cat = COCO_SOURCE_IDS[seg["class_id"]]
+            cat = source_ids[seg["class_id"]]
             id_map[seg["mask"]] = seg_id
             area, bbox = int(seg["mask"].sum()), _bbox(seg["mask"])
             segments_info.append({"id": seg_id, "category_id": cat, "iscrowd": int(seg["iscrowd"]),
                                   "bbox": bbox, "area": area})
-            if not SYNTHETIC_CLASSES[seg["class_id"]]["isthing"]:
+            if not classes[seg["class_id"]]["isthing"]:
                 continue
             if seg["iscrowd"]:
                 segmentation = _uncompressed_rle(seg["mask"])
@@ -232,8 +250,9 @@ def write_coco_layout(root: str | Path, split: str, num: int, size: int, seed: i
         panoptic.append({"image_id": image_id, "file_name": f"{name}.png", "segments_info": segments_info})
 
     categories = [{"id": sid, "name": c["name"], "supercategory": "shape" if c["isthing"] else "scene",
-                   "isthing": int(c["isthing"])} for c, sid in zip(SYNTHETIC_CLASSES, COCO_SOURCE_IDS)]
-    info = {"description": "mpformer-ray synthetic shapes", "version": "1"}
+                   "isthing": int(c["isthing"])} for c, sid in zip(classes, source_ids)]
+    info = {"description": "mpformer-ray synthetic shapes" + ("" if variant == "easy" else f" ({variant})"),
+            "version": "1"}
     (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(
         {"info": info, "images": images, "annotations": instances,
          "categories": [{k: v for k, v in c.items() if k != "isthing"} for c in categories if c["isthing"]]}))
@@ -248,7 +267,8 @@ def ensure_synthetic(cfg: SyntheticConfig, endpoint_url: str | None = None) -> t
     from mpformer_ray.data.coco import convert_coco
     from mpformer_ray.data.records import MANIFEST
 
-    base = Path(cfg.root).expanduser() / f"n{cfg.num_train}-{cfg.num_val}_s{cfg.image_size}_seed{cfg.seed}"
+    base = (Path(cfg.root).expanduser()
+            / f"{cfg.variant}_n{cfg.num_train}-{cfg.num_val}_s{cfg.image_size}_seed{cfg.seed}")
     base.mkdir(parents=True, exist_ok=True)
     outs = {split: str(base / "records" / f"{split}-panoptic") for split in ("train", "val")}
     with open(base / ".lock", "w") as lock:
@@ -257,7 +277,7 @@ def ensure_synthetic(cfg: SyntheticConfig, endpoint_url: str | None = None) -> t
             if (Path(outs[split]) / MANIFEST).exists():
                 continue
             if not (base / f".layout-{split}-done").exists():
-                write_coco_layout(base / "coco", split, num, cfg.image_size, cfg.seed)
+                write_coco_layout(base / "coco", split, num, cfg.image_size, cfg.seed, cfg.variant)
                 (base / f".layout-{split}-done").write_text("ok")
             convert_coco(str(base / "coco"), split, outs[split], task="panoptic", shard_size=128,
                          num_workers=1, progress=False, endpoint_url=endpoint_url)
