@@ -142,6 +142,9 @@ class TrainConfig:
 class StorageConfig:
     uri: str = "./runs"  # local directory or s3://bucket/prefix
     endpoint_url: str | None = None  # else AWS_ENDPOINT_URL, else AWS's default
+    # local paths (storage.uri, data.*, model.pretrained) are refused on a multi-node cluster, where each
+    # node has its own disk; true says they are on storage every node mounts (NFS, one machine's fake nodes)
+    shared_local_paths: bool = False
 
 
 @dataclass

@@ -27,6 +27,7 @@ from mpformer_ray.log import setup_logging  # noqa: E402
 from mpformer_ray.data.records import DataError, read_manifest  # noqa: E402
 from mpformer_ray.tasks import main_metric, main_task, tasks_for  # noqa: E402
 from mpformer_ray.train.checkpoint import CheckpointError, CheckpointStore, check_resume, run_uri  # noqa: E402
+from mpformer_ray.train.cluster import current_cluster, findings  # noqa: E402
 from mpformer_ray.train.loop import train_loop  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -235,29 +236,33 @@ def build_trainer(plan: TrainPlan, callbacks: list | None = None) -> ray.train.t
     )
 
 
-def init_ray(address: str | None = None, runtime_env: dict | None = None) -> None:
+def init_ray(address: str | None = None, runtime_env: dict | None = None) -> bool:
     """Connect to ``address`` / ``RAY_ADDRESS`` (a cluster or ``ray job submit``), else start a
     local Ray on this machine's cores. ``runtime_env`` is merged into the job's (Ray refuses
-    keys that ``ray job submit`` also set)."""
+    keys that ``ray job submit`` also set). Returns whether it started that local Ray, a cluster
+    of this one machine."""
     if ray.is_initialized():
-        return
+        return False
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, runtime_env=runtime_env)
-    else:
-        ray.init(num_cpus=len(os.sched_getaffinity(0)), runtime_env=runtime_env)
+        return False
+    ray.init(num_cpus=len(os.sched_getaffinity(0)), runtime_env=runtime_env)
+    return True
 
 
-def check_resources(cfg: Config) -> None:
-    """Warn when the workers would take every CPU: Ray Data's decode tasks then never get
-    scheduled and training hangs (seen with 2 workers x 1 CPU on 2 cores)."""
-    total = ray.cluster_resources().get("CPU", 0.0)
-    needed = cfg.train.workers * cfg.train.cpus_per_worker + cfg.data.cpus_per_task
-    if needed > total:
-        log.warning(
-            "train.workers x train.cpus_per_worker (%d x %g) leaves less than data.cpus_per_task (%g) of the "
-            "cluster's %g CPUs for Ray Data; training will wait for more nodes or hang. Lower "
-            "train.cpus_per_worker (e.g. 0.5) or train.workers.",
-            cfg.train.workers, cfg.train.cpus_per_worker, cfg.data.cpus_per_task, total)
+def check_resources(cfg: Config, own_instance: bool = False) -> None:
+    """Refuse, before any worker starts, what the connected cluster can never run: Train workers
+    that leave Ray Data no whole CPU on any node (training would hang), local paths on more than one
+    machine (``mpformer_ray.train.cluster``). Where nodes may still come (an autoscaler), warn.
+    ``own_instance``: ``init_ray`` started the cluster here, so it cannot grow."""
+    errors = []
+    for finding in findings(current_cluster(own_instance), cfg):
+        if finding.fatal:
+            errors.append(finding.message)
+        else:
+            log.warning("%s", finding.message)
+    if errors:
+        raise PreflightError("\n".join(errors))
 
 
 def run_training(cfg: Config, address: str | None = None) -> tuple[TrainPlan, ray.train.Result]:
@@ -265,7 +270,6 @@ def run_training(cfg: Config, address: str | None = None) -> tuple[TrainPlan, ra
     PreflightError before any worker starts, or Ray's TrainingFailedError when workers fail
     more than ``train.max_failures`` times."""
     plan = preflight(cfg)
-    init_ray(address)
-    check_resources(plan.cfg)
+    check_resources(plan.cfg, own_instance=init_ray(address))
     result = build_trainer(plan).fit()
     return plan, result

@@ -204,8 +204,7 @@ def run_sweep(cfg: Config, sweep: Sweep, *, resume: bool = False, address: str |
         _check_same_sweep(uri, state, plan.endpoint_url)
     elif storage.exists(storage.join(uri, "checkpoints"), plan.endpoint_url):
         raise SweepError(f"{uri} holds a training run (checkpoints/), not a sweep; set another run.name for the sweep")
-    init_ray(address, runtime_env=RUNTIME_ENV)
-    check_resources(plan.cfg)
+    check_resources(plan.cfg, own_instance=init_ray(address, runtime_env=RUNTIME_ENV))
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, plan=plan, sweep_uri=uri),
