@@ -119,3 +119,15 @@ def test_a_sweep_resumes_only_unchanged(tmp_path):
         _check_same_sweep(str(tmp_path), _sweep_state(load_sweep("pilot", changed), changed), None)
     with pytest.raises(SweepError, match="differs in: sweep num_samples"):
         _check_same_sweep(str(tmp_path), _sweep_state(load_sweep("pilot", cfg, num_samples=9), cfg), None)
+
+
+def test_concurrent_trials_must_each_leave_ray_data_a_whole_cpu():
+    from mpformer_ray.tune.sweep import concurrency_problem
+
+    tiny = load_config("tiny")  # 2 workers x 0.5 CPU a trial
+    assert concurrency_problem(2, tiny, 1) is None
+    assert "Fix: --max-concurrent 1" in concurrency_problem(2, tiny, 2)  # 1 CPU left, 1 // 2 = 0 each
+    assert concurrency_problem(4, tiny, 2) is None  # 2 left, 1 each
+    assert "Fix: --max-concurrent 2" in concurrency_problem(5, tiny, 3)
+    one = load_config("tiny", ["train.workers=1", "train.cpus_per_worker=1.5"])
+    assert "cannot run even one trial" in concurrency_problem(2, one, 2)

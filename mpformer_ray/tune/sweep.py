@@ -44,6 +44,7 @@ os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10")
 os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "10")
 
 # import after the environment is set: Tune reads it at import time
+import ray  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
@@ -52,14 +53,7 @@ from ray.tune.search import BasicVariantGenerator  # noqa: E402
 SWEEP_STATE = "sweep.json"
 
 
-def export_ray_address() -> None:
-    """``worker_process_setup_hook``: point this worker's state-API calls at its own cluster."""
-    import ray
-
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-
-
-RUNTIME_ENV = {"worker_process_setup_hook": f"{__name__}.export_ray_address"}
+RUNTIME_ENV = {"worker_process_setup_hook": "mpformer_ray.ray_hooks.export_ray_address"}
 
 
 class EvaluationReport(TuneReportCallback):
@@ -98,6 +92,27 @@ class SweepResult:
     metric: str
     grid: Any  # ray.tune.ResultGrid
     plan: TrainPlan
+
+
+def concurrency_problem(cpus: float, cfg: Config, concurrent: int) -> str | None:
+    """Why ``concurrent`` trials cannot all train on one node of ``cpus`` CPUs, or None. Each trial's
+    Ray Data execution gets an equal share of the *whole* CPUs its Train workers leave on the node
+    (Ray 2.60's coordinator: ``leftover // requesters``) and needs at least one, else it never
+    starts a read task and the trial hangs."""
+    t = cfg.train
+    if concurrent < 2 or t.use_gpu:
+        return None
+    per_trial = t.workers * t.cpus_per_worker
+    fits = [k for k in range(1, concurrent + 1) if (cpus - k * per_trial) // k >= 1]
+    if len(fits) == concurrent:
+        return None
+    most = max(fits, default=0)
+    return (f"--max-concurrent {concurrent}: on this machine's {cpus:g} CPUs, {concurrent} trials of train.workers x "
+            f"train.cpus_per_worker ({t.workers} x {t.cpus_per_worker:g}) leave Ray Data less than one whole CPU per "
+            f"trial, and a trial without one hangs. Fix: --max-concurrent {most}" if most else
+            f"--max-concurrent {concurrent}: this machine's {cpus:g} CPUs cannot run even one trial of "
+            f"train.workers x train.cpus_per_worker ({t.workers} x {t.cpus_per_worker:g}) with a whole CPU left for "
+            "Ray Data. Fix: lower train.cpus_per_worker or train.workers")
 
 
 def _search_alg(sweep: Sweep, metric: str):
@@ -204,7 +219,11 @@ def run_sweep(cfg: Config, sweep: Sweep, *, resume: bool = False, address: str |
         _check_same_sweep(uri, state, plan.endpoint_url)
     elif storage.exists(storage.join(uri, "checkpoints"), plan.endpoint_url):
         raise SweepError(f"{uri} holds a training run (checkpoints/), not a sweep; set another run.name for the sweep")
-    check_resources(plan.cfg, own_instance=init_ray(address, runtime_env=RUNTIME_ENV))
+    own_instance = init_ray(address, runtime_env=RUNTIME_ENV)
+    check_resources(plan.cfg, own_instance=own_instance)
+    if own_instance and (problem := concurrency_problem(ray.cluster_resources().get("CPU", 0.0), plan.cfg,
+                                                         sweep.max_concurrent)):
+        raise SweepError(problem)
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, plan=plan, sweep_uri=uri),
