@@ -20,6 +20,7 @@ import colorsys
 import io
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -83,24 +84,24 @@ def image_id_for(name: str, index: int) -> int:
 def predict(model: nn.Module, image: np.ndarray, cfg: Config, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Run the model in eval mode on one uint8 [H, W, 3] image.
 
-    Returns the model's eval output at the image's own resolution: any of "sem_seg" float [K, H, W],
-    "panoptic" (int32 [H, W] id map, [{"id", "category_id", "isthing", "score"}]),
-    "instances" {"masks": bool [Q, H, W], "scores": float [Q], "labels": int64 [Q]}, on the CPU.
+    Returns the model's eval results at the image's own resolution in ``compact_inference``'s form, on
+    the CPU: any of "sem_seg_labels" int32 [H, W] (argmax of the class scores), "panoptic" (int32 [H, W]
+    id map, [{"id", "category_id", "isthing", "score"}]), "instances" {"rles": [COCO RLE], "scores":
+    float [Q], "labels": int64 [Q]}. Memory at the image's resolution stays a few bytes a pixel, however
+    many queries and classes the model has.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"predict: image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
     resized, original_hw = eval_transform({"image": image}, cfg.data)
     model.eval()
     batch = normalize(torch.tensor(resized)[None].to(device))  # a copy: PIL's arrays are read-only
-    out = model(batch, image_sizes=[tuple(resized.shape[:2])], output_sizes=[original_hw])[0]
-    result: dict[str, Any] = {}
-    if "sem_seg" in out:
-        result["sem_seg"] = out["sem_seg"].float().cpu()
-    if "panoptic" in out:
-        id_map, segments = out["panoptic"]
-        result["panoptic"] = (id_map.cpu(), [{k: _plain(v) for k, v in s.items()} for s in segments])
-    if "instances" in out:
-        result["instances"] = {k: v.cpu() for k, v in out["instances"].items()}
+    resized_hw = tuple(resized.shape[:2])
+    raw = model.forward_raw(batch)
+    padded_hw = tuple(model.pad(batch)[0].shape[-2:])
+    result = model.postprocess(raw, resized_hw, padded_hw, [resized_hw], [original_hw], compact=True)[0]
+    if "panoptic" in result:
+        id_map, segments = result["panoptic"]
+        result["panoptic"] = (id_map, [{k: _plain(v) for k, v in s.items()} for s in segments])
     return result
 
 
@@ -123,19 +124,22 @@ def _source_id(cls: dict) -> int:
 
 
 def semantic_map(prediction: dict) -> np.ndarray:
-    """"sem_seg" float [K, H, W] -> uint8 [H, W] label map (argmax)."""
-    scores = prediction["sem_seg"]
-    if scores.shape[0] > 255:
-        raise ValueError(f"{scores.shape[0]} classes do not fit a uint8 label map (255 at most)")
-    return scores.argmax(0).to(torch.uint8).numpy()
+    """"sem_seg_labels" int [H, W] -> uint8 [H, W] label map."""
+    labels = np.asarray(prediction["sem_seg_labels"])
+    if labels.max(initial=0) > 255:
+        raise ValueError(f"class {labels.max()} does not fit a uint8 label map (255 at most)")
+    return labels.astype(np.uint8)
 
 
 def encode_panoptic_ids(id_map: np.ndarray) -> np.ndarray:
     """int [H, W] segment ids -> uint8 [H, W, 3] RGB with id = R + 256 G + 256^2 B (COCO panoptic)."""
-    ids = id_map.astype(np.int64)
+    ids = np.asarray(id_map)
     if ids.min(initial=0) < 0 or ids.max(initial=0) >= 256 ** 3:
         raise ValueError("panoptic segment ids must lie in [0, 256^3)")
-    return np.stack([ids % 256, ids // 256 % 256, ids // 256 ** 2], axis=-1).astype(np.uint8)
+    rgb = np.empty((*ids.shape, 3), dtype=np.uint8)  # byte by byte: no int64 copies of a photo-sized map
+    for channel in range(3):
+        rgb[..., channel] = (ids >> (8 * channel)) & 255
+    return rgb
 
 
 def decode_panoptic_ids(rgb: np.ndarray) -> np.ndarray:
@@ -144,23 +148,27 @@ def decode_panoptic_ids(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] + 256 * rgb[..., 1] + 256 ** 2 * rgb[..., 2]
 
 
+def _box(mask: np.ndarray) -> list[int]:
+    """bool [H, W] with some pixel set -> COCO [x, y, width, height]."""
+    ys, xs = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return [int(xs[0]), int(ys[0]), int(xs[-1] - xs[0] + 1), int(ys[-1] - ys[0] + 1)]
+
+
 def panoptic_annotation(prediction: dict, classes: list[dict], image_id: int, file_name: str) -> dict:
     """COCO panoptic annotation for the predicted id map (segments with no pixels left out)."""
     id_map, segments = prediction["panoptic"]
-    id_map = np.asarray(id_map, dtype=np.int64)
-    ids, areas = np.unique(id_map, return_counts=True)
-    area = dict(zip(ids.tolist(), areas.tolist()))
+    id_map = np.asarray(id_map)
+    area = np.bincount(id_map.ravel(), minlength=max((int(s["id"]) for s in segments), default=0) + 1)
     info = []
     for seg in segments:
         sid = int(seg["id"])
-        if area.get(sid, 0) == 0:
+        if area[sid] == 0:
             continue
         cls = _class(classes, int(seg["category_id"]))
-        ys, xs = np.nonzero(id_map == sid)
         info.append({
             "id": sid, "category_id": _source_id(cls), "train_id": int(cls["id"]), "name": cls["name"],
             "isthing": bool(cls["isthing"]), "score": float(seg.get("score", 1.0)), "area": int(area[sid]),
-            "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
+            "bbox": _box(id_map == sid),
         })
     return {"image_id": int(image_id), "file_name": file_name, "segments_info": info}
 
@@ -169,14 +177,12 @@ def instance_results(prediction: dict, classes: list[dict], image_id: int, score
     """COCO detection results (``COCO.loadRes`` format) for the predicted instances with
     score >= ``score_threshold`` and a non-empty mask."""
     inst = prediction["instances"]
-    masks = inst["masks"].numpy().astype(bool)
     scores = inst["scores"].float().numpy()
     labels = inst["labels"].numpy()
     results = []
-    for mask, score, label in zip(masks, scores, labels):
-        if score < score_threshold or not mask.any():
+    for rle, score, label in zip(inst["rles"], scores, labels):
+        if score < score_threshold or not mask_util.area(rle):
             continue
-        rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
         results.append({
             "image_id": int(image_id), "category_id": _source_id(_class(classes, int(label))),
             "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
@@ -190,28 +196,31 @@ def _colour(index: int) -> np.ndarray:
     return np.array([r, g, b]) * 255
 
 
-def _overlay_segments(prediction: dict, classes: list[dict], score_threshold: float) -> list[tuple]:
-    """(bool [H, W] mask, colour index, label text) per segment to draw, lowest score first."""
+def _overlay_segments(prediction: dict, classes: list[dict], score_threshold: float) -> Iterator[tuple]:
+    """(bool [H, W] mask, colour index, label text) per segment to draw, lowest score first; one mask at a
+    time, so a photo with a hundred segments never holds a hundred masks."""
     if "panoptic" in prediction:
         id_map, segments = prediction["panoptic"]
         id_map = np.asarray(id_map)
-        out = []
         for seg in sorted(segments, key=lambda s: float(s.get("score", 1.0))):
             mask = id_map == int(seg["id"])
             if mask.any():
                 cls = _class(classes, int(seg["category_id"]))
                 # things get one colour per segment, stuff one colour per class
                 colour = int(seg["id"]) if cls["isthing"] else 1000 + int(cls["id"])
-                out.append((mask, colour, f"{cls['name']} {float(seg.get('score', 1.0)):.2f}"))
-        return out
-    if "instances" in prediction:
+                yield mask, colour, f"{cls['name']} {float(seg.get('score', 1.0)):.2f}"
+    elif "instances" in prediction:
         inst = prediction["instances"]
         scores = inst["scores"].float().numpy()
         order = [i for i in np.argsort(scores) if scores[i] >= score_threshold]
-        return [(inst["masks"][i].numpy().astype(bool), k, f"{_class(classes, int(inst['labels'][i]))['name']} "
-                 f"{scores[i]:.2f}") for k, i in enumerate(order) if inst["masks"][i].any()]
-    labels = semantic_map(prediction)
-    return [(labels == c, 1000 + int(c), _class(classes, int(c))["name"]) for c in np.unique(labels)]
+        for k, i in enumerate(order):
+            mask = mask_util.decode(inst["rles"][i]).astype(bool)
+            if mask.any():
+                yield mask, k, f"{_class(classes, int(inst['labels'][i]))['name']} {scores[i]:.2f}"
+    else:
+        labels = semantic_map(prediction)
+        for c in np.flatnonzero(np.bincount(labels.ravel(), minlength=256)):
+            yield labels == c, 1000 + int(c), _class(classes, int(c))["name"]
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
@@ -226,18 +235,20 @@ def render_overlay(image: np.ndarray, prediction: dict, classes: list[dict], sco
     """The image with each predicted segment blended in colour (outlined), and its class name and
     score written at the segment's centre. Panoptic segments when predicted, else instances with
     score >= ``score_threshold``, else the semantic label map."""
-    canvas = image.astype(np.float32).copy()
-    segments = _overlay_segments(prediction, classes, score_threshold)
-    for mask, colour_index, _ in segments:
+    canvas = image.astype(np.float32)
+    labels = []  # (centre x, centre y, text), drawn over every segment's colour
+    for mask, colour_index, text in _overlay_segments(prediction, classes, score_threshold):
         colour = _colour(colour_index)
         canvas[mask] = (1 - alpha) * canvas[mask] + alpha * colour
         canvas[_boundary(mask)] = colour
+        rows, cols = mask.sum(1), mask.sum(0)  # the centre from the projections: no pixel coordinate lists
+        labels.append((float(cols @ np.arange(len(cols)) / cols.sum()),
+                       float(rows @ np.arange(len(rows)) / rows.sum()), text))
     out = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
+    del canvas
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default()
-    for mask, _, text in segments:
-        ys, xs = np.nonzero(mask)
-        x, y = float(xs.mean()), float(ys.mean())
+    for x, y, text in labels:
         left, top, right, bottom = draw.textbbox((x, y), text, font=font, anchor="mm")
         draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
         draw.text((x, y), text, fill=(255, 255, 255), font=font, anchor="mm")
@@ -264,7 +275,7 @@ def write_predictions(out_uri: str, name: str, image: np.ndarray, prediction: di
         written[kind] = uri
 
     put("overlay", "overlay.png", _png(np.asarray(render_overlay(image, prediction, classes, score_threshold))))
-    if "sem_seg" in prediction:
+    if "sem_seg_labels" in prediction:
         put("sem_seg", "sem_seg.png", _png(semantic_map(prediction)))
     if "panoptic" in prediction:
         png_name = f"{stem}_panoptic.png"

@@ -19,6 +19,8 @@ from mpformer_ray.tasks import TASKS
 
 # task -> the key of the model's eval output it is computed from
 PREDICTION_KEY = {"semantic": "sem_seg", "instance": "instances", "panoptic": "panoptic"}
+# keys of postprocess.compact_inference's form that stand in for them
+COMPACT_KEY = {"sem_seg": "sem_seg_labels"}
 
 
 def _check_classes(classes: list[dict]) -> None:
@@ -61,11 +63,13 @@ class Evaluator:
 
     def process(self, record: dict, prediction: dict) -> None:
         """record: one ground-truth record (``read_records``); prediction: the model's eval output for
-        it at the original resolution ({"sem_seg", "panoptic", "instances"}, tensors or arrays)."""
+        it at the original resolution ({"sem_seg", "panoptic", "instances"}, tensors or arrays), or the
+        same in ``compact_inference``'s form ("sem_seg_labels", instances with "rles")."""
         image_id = int(record["image_id"])
         where = f"image {image_id} ({record.get('file_name', '?')})"
         if image_id in self.image_ids:
             raise ValueError(f"{where} was already evaluated; give each image to exactly one evaluator once")
+        prediction = {k: prediction[c] for k, c in COMPACT_KEY.items() if c in prediction} | prediction
         missing = [PREDICTION_KEY[t] for t in sorted(self.tasks) if PREDICTION_KEY[t] not in prediction]
         if missing:
             raise ValueError(f"{where}: prediction lacks {missing} needed for tasks {sorted(self.tasks)}; "

@@ -62,24 +62,40 @@ class InstanceEvaluator:
     def process(self, image_id: int, size: tuple[int, int], segments: list[dict], instances: dict,
                 where: str = "image") -> None:
         """segments: the record's [{"category_id", "iscrowd", "mask": bool [H, W]}];
-        instances: {"masks": bool [Q, H, W], "scores": float [Q], "labels": int64 [Q]}."""
-        missing = {"masks", "scores", "labels"} - set(instances)
+        instances: {"masks": bool [Q, H, W], "scores": float [Q], "labels": int64 [Q]}, or with "rles"
+        (Q COCO RLEs, as compact_inference gives them) in place of "masks"."""
+        form = "rles" if "rles" in instances else "masks"
+        missing = {form, "scores", "labels"} - set(instances)
         if missing:
             raise ValueError(f"{where}: prediction 'instances' lacks {sorted(missing)}; expected "
                              "{'masks': bool [Q, H, W], 'scores': float [Q], 'labels': int64 [Q]}")
-        masks = to_numpy(instances["masks"]).astype(bool)
         scores = to_numpy(instances["scores"]).astype(np.float64).reshape(-1)
         labels = to_numpy(instances["labels"]).astype(np.int64).reshape(-1)
-        if masks.ndim != 3 or not len(masks) == len(scores) == len(labels):
-            raise ValueError(f"{where}: prediction 'instances' has masks {masks.shape}, scores {scores.shape}, "
-                             f"labels {labels.shape}; expected [Q, H, W], [Q], [Q]")
-        check_size("instances.masks", masks, size, where)
         things = set(self.thing_ids)
         keep = np.array([int(c) in things for c in labels], dtype=bool)
+        if form == "rles":
+            rles = list(instances["rles"])
+            sizes = sorted({tuple(r["size"]) for r in rles} - {tuple(size)})
+            if sizes:
+                raise ValueError(f"{where}: prediction 'instances.rles' has spatial sizes {sizes} but the ground truth "
+                                 f"is {tuple(size)}; resize predictions to the original image resolution before "
+                                 "evaluating")
+            shape: tuple = (len(rles), *size)
+        else:
+            masks = to_numpy(instances["masks"]).astype(bool)
+            shape = masks.shape
+        if len(shape) != 3 or not shape[0] == len(scores) == len(labels):
+            raise ValueError(f"{where}: prediction 'instances' has masks {shape}, scores {scores.shape}, "
+                             f"labels {labels.shape}; expected [Q, H, W], [Q], [Q]")
+        if form == "masks":
+            check_size("instances.masks", masks, size, where)
+            rles = encode_many(masks[keep])
+        else:
+            rles = [r for r, k in zip(rles, keep) if k]
         gts = [{"category_id": int(s["category_id"]), "iscrowd": int(bool(s["iscrowd"])), "rle": encode(to_numpy(s["mask"]))}
                for s in segments if int(s["category_id"]) in things]
         dts = [{"category_id": int(c), "score": float(s), "rle": r}
-               for c, s, r in zip(labels[keep], scores[keep], encode_many(masks[keep]))]
+               for c, s, r in zip(labels[keep], scores[keep], rles)]
         self.images[int(image_id)] = {"size": [int(size[0]), int(size[1])], "gt": gts, "dt": dts}
 
     def state(self) -> dict:

@@ -159,7 +159,8 @@ def evaluate_model(
                 # and the consistency diagnostic (every layer's raw masks)
                 raw = core.forward_raw(images)
                 padded_hw = tuple(core.pad(images)[0].shape[-2:])
-                prediction = core.postprocess(raw, resized_hw, padded_hw, [resized_hw], [original_hw])[0]
+                # compact: label map and RLEs, no per-query or per-class float maps at the original resolution
+                prediction = core.postprocess(raw, resized_hw, padded_hw, [resized_hw], [original_hw], compact=True)[0]
                 evaluator.process(record, prediction)
                 _consistency_update(core, raw, record, resized_hw, padded_hw, consistency)
                 done += 1

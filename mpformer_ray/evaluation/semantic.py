@@ -47,12 +47,19 @@ class SemanticEvaluator:
         self.confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
 
     def process(self, gt: np.ndarray, scores: Any, where: str = "image") -> None:
-        """gt: uint8 [H, W] (255 = ignore); scores: float [K, H, W] class scores."""
-        if tuple(scores.shape[:1]) != (self.num_classes,):
+        """gt: uint8 [H, W] (255 = ignore); scores: float [K, H, W] class scores, or the int [H, W] labels
+        (their argmax) as compact_inference gives them."""
+        check_size("sem_seg", scores, gt.shape, where)
+        if scores.ndim == 2:
+            pred = to_numpy(scores).astype(np.int64)
+            if pred.size and not 0 <= pred.min() <= pred.max() < self.num_classes:
+                raise ValueError(f"{where}: prediction 'sem_seg' has labels outside [0, {self.num_classes}), the "
+                                 "dataset's classes; set model.num_classes to match the dataset")
+        elif tuple(scores.shape[:1]) != (self.num_classes,):
             raise ValueError(f"{where}: prediction 'sem_seg' has {scores.shape[0]} classes, the dataset "
                              f"has {self.num_classes}; set model.num_classes to match the dataset")
-        check_size("sem_seg", scores, gt.shape, where)
-        pred = predicted_labels(scores)
+        else:
+            pred = predicted_labels(scores)
         gt = gt.astype(np.int64)
         valid = gt != IGNORE
         if (gt[valid] >= self.num_classes).any():

@@ -17,7 +17,8 @@ from mpformer_ray.model.criterion import SetCriterion
 from mpformer_ray.model.matcher import HungarianMatcher
 from mpformer_ray.model.pilot import PilotQueries
 from mpformer_ray.model.pixel_decoder import MSDeformAttnPixelDecoder
-from mpformer_ray.model.postprocess import instance_inference, panoptic_inference, resize_masks, semantic_inference
+from mpformer_ray.model.postprocess import (compact_inference, instance_inference, panoptic_inference, resize_masks,
+                                            semantic_inference)
 from mpformer_ray.model.transformer_decoder import MultiScaleMaskedTransformerDecoder
 
 Target = dict[str, Tensor]
@@ -127,9 +128,11 @@ class MPFormer(nn.Module):
         return self.postprocess(outputs, input_size, tuple(images.shape[-2:]), image_sizes, output_sizes)
 
     def postprocess(self, outputs: dict, input_size: tuple[int, int], padded: tuple[int, int],
-                    image_sizes: list[tuple[int, int]] | None, output_sizes: list[tuple[int, int]] | None
-                    ) -> list[dict]:
-        """Decoder outputs of images of ``input_size`` (padded to ``padded``) -> one result dict per image."""
+                    image_sizes: list[tuple[int, int]] | None, output_sizes: list[tuple[int, int]] | None,
+                    compact: bool = False) -> list[dict]:
+        """Decoder outputs of images of ``input_size`` (padded to ``padded``) -> one result dict per image;
+        with ``compact`` the same results in ``postprocess.compact_inference``'s form, on the CPU, without
+        any query's or class's full-resolution float map (prediction and evaluation of large images)."""
         b = outputs["pred_logits"].shape[0]
         image_sizes = image_sizes or [tuple(input_size)] * b
         output_sizes = output_sizes or image_sizes
@@ -141,6 +144,13 @@ class MPFormer(nn.Module):
         for i in range(b):
             with torch.autocast(device.type, enabled=False):  # float32 results even under AMP
                 mask_cls = outputs["pred_logits"][i].float()
+                if compact:
+                    results.append(compact_inference(
+                        mask_cls, outputs["pred_masks"][i], padded, image_sizes[i], output_sizes[i], self.thing_ids,
+                        semantic=t.semantic_on, panoptic=t.panoptic_on, instance=t.instance_on,
+                        object_mask_threshold=t.object_mask_threshold, overlap_threshold=t.overlap_threshold,
+                        max_detections=t.max_detections))
+                    continue
                 mask_pred = resize_masks(outputs["pred_masks"][i].float(), padded, image_sizes[i], output_sizes[i])
                 result: dict = {}
                 if t.semantic_on:
