@@ -131,3 +131,15 @@ def test_concurrent_trials_must_each_leave_ray_data_a_whole_cpu():
     assert "Fix: --max-concurrent 2" in concurrency_problem(5, tiny, 3)
     one = load_config("tiny", ["train.workers=1", "train.cpus_per_worker=1.5"])
     assert "cannot run even one trial" in concurrency_problem(2, one, 2)
+
+
+def test_grid_runs_each_point_once_unless_told_and_optuna_defaults_to_eight(tmp_path):
+    cfg = load_config("tiny")
+    assert load_sweep("ablation", cfg).num_samples == 1
+    assert load_sweep("pilot", cfg).num_samples == 4  # the file's
+    path = tmp_path / "s.yaml"
+    path.write_text("space: {train.lr: {uniform: [0.0001, 0.001]}}")
+    assert load_sweep(str(path), cfg).num_samples == 8
+    path.write_text("num_samples: 0\nspace: {train.lr: {uniform: [0.0001, 0.001]}}")
+    with pytest.raises(SweepError, match="num_samples and max_concurrent must be >= 1"):
+        load_sweep(str(path), cfg)

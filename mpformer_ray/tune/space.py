@@ -4,7 +4,7 @@ A sweep file is YAML (``configs/sweeps/*.yaml``)::
 
     search: optuna            # or grid; the CLI's --search overrides it
     scheduler: asha           # or none; the CLI's --scheduler overrides it
-    num_samples: 8            # trials Optuna proposes (grid: repeats of the whole grid)
+    num_samples: 8            # trials Optuna proposes (default 8); grid: repeats of the whole grid (default 1)
     max_concurrent: 1
     seed: 0                   # Optuna's sampler seed: same seed, same suggestions
     asha: {grace_period: 0.5, reduction_factor: 2}   # iterations, or a fraction (< 1) of train.max_iters
@@ -75,7 +75,7 @@ class Sweep:
     params: list[Param]
     search: str = "optuna"
     scheduler: str = "asha"
-    num_samples: int = 8
+    num_samples: int | None = None  # None: 8 for optuna, 1 (each grid point once) for grid
     max_concurrent: int = 1
     seed: int = 0
     grace_period: float = 0.5  # iterations, or a fraction (< 1) of train.max_iters
@@ -104,6 +104,8 @@ class Sweep:
                              "use choice / uniform / randint with optuna")
         if self.search == "grid" and self.points_to_evaluate:
             raise SweepError(f"{where}: points_to_evaluate is for --search optuna; a grid runs every point already")
+        if self.num_samples is None:
+            self.num_samples = 1 if self.search == "grid" else 8
         if self.num_samples < 1 or self.max_concurrent < 1:
             raise SweepError(f"{where}: num_samples and max_concurrent must be >= 1; got "
                              f"{self.num_samples} and {self.max_concurrent}")
@@ -216,9 +218,10 @@ def load_sweep(name_or_path: str, cfg: Config, **options: Any) -> Sweep:
     if not isinstance(grace, (int, float)) or isinstance(grace, bool) or grace <= 0 or (grace > 1 and grace % 1):
         raise SweepError(f"{where}: asha.grace_period must be a number of iterations (>= 1) or a fraction of "
                          f"train.max_iters in (0, 1); got {grace!r}")
-    ints = {"num_samples": data.get("num_samples", 8), "max_concurrent": data.get("max_concurrent", 1),
+    ints = {"max_concurrent": data.get("max_concurrent", 1),
             "seed": data.get("seed", 0), "asha.reduction_factor": asha.get("reduction_factor", 2)}
-    for key, value in ints.items():
+    num_samples = data.get("num_samples")
+    for key, value in {**ints, "num_samples": 1 if num_samples is None else num_samples}.items():
         if not isinstance(value, int) or isinstance(value, bool):
             raise SweepError(f"{where}: {key} must be an integer; got {value!r}")
     points = data.get("points_to_evaluate") or []
@@ -229,7 +232,7 @@ def load_sweep(name_or_path: str, cfg: Config, **options: Any) -> Sweep:
         params=params,
         search=data.get("search", "optuna"),
         scheduler=data.get("scheduler", "asha"),
-        num_samples=ints["num_samples"],
+        num_samples=num_samples,
         max_concurrent=ints["max_concurrent"],
         seed=ints["seed"],
         grace_period=grace,

@@ -117,7 +117,8 @@ def concurrency_problem(cpus: float, cfg: Config, concurrent: int) -> str | None
 
 def _search_alg(sweep: Sweep, metric: str):
     if sweep.search == "grid":
-        return BasicVariantGenerator(random_state=sweep.seed)
+        # Tune ignores max_concurrent_trials for a generator it did not build itself
+        return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent)
     from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(metric=metric, mode="max", points_to_evaluate=sweep.points_to_evaluate or None,
