@@ -51,6 +51,7 @@ def load_for_inference(checkpoint: str, overrides: list[str] | None = None, devi
     from mpformer_ray.model import build_model
     from mpformer_ray.train.checkpoint import CheckpointError, load_model, model_mismatch
 
+    storage.check_reachable(checkpoint, endpoint_url)  # seconds, where loading would wait minutes on a silent endpoint
     model, cfg, classes = load_model(checkpoint, device, endpoint_url)
     new = apply_overrides(cfg, overrides or [])
     if new.model != cfg.model:

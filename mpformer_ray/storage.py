@@ -5,17 +5,27 @@ and Ray Train (``RunConfig(storage_filesystem=...)``) share the exact same clien
 S3 endpoint: the explicit ``endpoint_url`` argument (config ``storage.endpoint_url``),
 else ``AWS_ENDPOINT_URL``, else AWS's default. Credentials come only from the standard
 AWS environment variables / config files; nothing here logs or stores them.
+
+Transfers wait up to a minute per request, with the SDK's retries. The checks a job runs before it
+starts (``check_reachable``, ``check_writable``) make one attempt that waits ``CHECK_TIMEOUT_S``: an
+endpoint that accepts connections and never answers fails them in seconds with a message naming it,
+where a transfer's timeout times the retries would hang the job for minutes without a word.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import posixpath
 import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
+
+CHECK_TIMEOUT_S = 10
 
 
 class StorageError(RuntimeError):
@@ -34,11 +44,15 @@ def join(uri: str, *parts: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _s3(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
+def _s3(endpoint_url: str | None, region: str, check: bool = False) -> pafs.S3FileSystem:
+    """The S3 client for transfers, or with ``check`` the one for pre-start checks (see the module docstring)."""
     kwargs = {"region": region}
     if endpoint_url:
         scheme, _, host = endpoint_url.partition("://")
         kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    if check:
+        return pafs.S3FileSystem(**kwargs, connect_timeout=CHECK_TIMEOUT_S, request_timeout=CHECK_TIMEOUT_S,
+                                 retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
     return pafs.S3FileSystem(**kwargs, connect_timeout=10, request_timeout=60)
 
 
@@ -56,26 +70,31 @@ def absolute(uri: str | None) -> str | None:
     return str(Path(uri).expanduser().resolve())
 
 
-def resolve(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
-    """URI -> (pyarrow filesystem, path inside it)."""
+def resolve(uri: str, endpoint_url: str | None = None, check: bool = False) -> tuple[pafs.FileSystem, str]:
+    """URI -> (pyarrow filesystem, path inside it); ``check``: the S3 client of the pre-start checks."""
     uri = str(uri)
     if is_s3(uri):
         path = uri[len("s3://"):].rstrip("/")
         if not path:
             raise StorageError(f"{uri!r} names no bucket; use s3://BUCKET/prefix")
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        return _s3(endpoint_for(endpoint_url), region), path
+        return _s3(endpoint_for(endpoint_url), region, check), path
     if "://" in uri:
         raise StorageError(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/prefix")
     return pafs.LocalFileSystem(), absolute(uri)
 
 
-def _wrap(uri: str, err: Exception) -> StorageError:
+def _endpoint_name(endpoint_url: str | None) -> str:
+    return endpoint_for(endpoint_url) or "AWS's default endpoint"
+
+
+def _wrap(uri: str, err: Exception, endpoint_url: str | None = None) -> StorageError:
     hint = ""
     if is_s3(uri):
         hint = (
-            " (check the bucket exists, AWS_ENDPOINT_URL / storage.endpoint_url points at a running"
-            " S3 service, and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an AWS profile grant access)"
+            f" (S3 endpoint {_endpoint_name(endpoint_url)}: check the bucket exists, AWS_ENDPOINT_URL /"
+            " storage.endpoint_url points at a running S3 service, and AWS_ACCESS_KEY_ID /"
+            " AWS_SECRET_ACCESS_KEY or an AWS profile grant access)"
         )
     return StorageError(f"storage error at {uri}: {type(err).__name__}: {err}{hint}")
 
@@ -85,7 +104,7 @@ def exists(uri: str, endpoint_url: str | None = None) -> bool:
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
     except OSError as e:
-        raise _wrap(uri, e) from e
+        raise _wrap(uri, e, endpoint_url) from e
 
 
 def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
@@ -98,13 +117,13 @@ def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
     except FileNotFoundError as e:
         raise StorageError(f"{uri} does not exist") from e
     except OSError as e:
-        raise _wrap(uri, e) from e
+        raise _wrap(uri, e, endpoint_url) from e
 
 
-def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
+def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None, check: bool = False) -> None:
     """Write a whole object. Local files are written to a temporary name and renamed, so a
-    reader never sees a partial file; an S3 PUT is atomic by itself."""
-    fs, path = resolve(uri, endpoint_url)
+    reader never sees a partial file; an S3 PUT is atomic by itself. ``check``: the check client."""
+    fs, path = resolve(uri, endpoint_url, check)
     try:
         fs.create_dir(posixpath.dirname(path), recursive=True)
         target = path if is_s3(uri) else f"{path}.tmp-{uuid.uuid4().hex}"
@@ -113,7 +132,7 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
         if target != path:
             fs.move(target, path)
     except OSError as e:
-        raise _wrap(uri, e) from e
+        raise _wrap(uri, e, endpoint_url) from e
 
 
 def listdir(uri: str, endpoint_url: str | None = None) -> list[str]:
@@ -122,13 +141,13 @@ def listdir(uri: str, endpoint_url: str | None = None) -> list[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OSError as e:
-        raise _wrap(uri, e) from e
+        raise _wrap(uri, e, endpoint_url) from e
     return sorted(posixpath.basename(i.path) for i in infos)
 
 
-def delete(uri: str, endpoint_url: str | None = None) -> None:
-    """Remove a file or a whole directory tree; missing is fine."""
-    fs, path = resolve(uri, endpoint_url)
+def delete(uri: str, endpoint_url: str | None = None, check: bool = False) -> None:
+    """Remove a file or a whole directory tree; missing is fine. ``check``: the check client."""
+    fs, path = resolve(uri, endpoint_url, check)
     try:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.Directory:
@@ -136,11 +155,38 @@ def delete(uri: str, endpoint_url: str | None = None) -> None:
         elif info.type == pafs.FileType.File:
             fs.delete_file(path)
     except OSError as e:
-        raise _wrap(uri, e) from e
+        raise _wrap(uri, e, endpoint_url) from e
+
+
+def _check_failed(uri: str, err: OSError, endpoint_url: str | None) -> StorageError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "Timeout was reached" in reason or "curlCode: 28" in reason:
+        reason = f"no answer within {CHECK_TIMEOUT_S} s ({reason})"
+    return StorageError(
+        f"{uri}: the S3 endpoint {_endpoint_name(endpoint_url)} failed the storage check: {reason}. Fix: point "
+        "AWS_ENDPOINT_URL / storage.endpoint_url (or --endpoint-url) at a running S3 service reachable from "
+        "here, and check the bucket exists and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an AWS profile "
+        "grant access")
+
+
+def check_reachable(uri: str, endpoint_url: str | None = None) -> None:
+    """One request about ``uri`` (does it exist) with the check client: StorageError naming the
+    endpoint and the fix when the S3 service does not answer it. Local paths: nothing to check."""
+    if not is_s3(uri):
+        return
+    log.info("checking that the S3 endpoint %s answers for %s (%d s timeout)", _endpoint_name(endpoint_url), uri,
+             CHECK_TIMEOUT_S)
+    fs, path = resolve(uri, endpoint_url, check=True)
+    try:
+        fs.get_file_info(path)
+    except OSError as e:
+        raise _check_failed(uri, e, endpoint_url) from None
 
 
 def check_writable(uri: str, endpoint_url: str | None = None) -> None:
-    """Fail fast (before any worker starts) when ``uri`` cannot be written."""
+    """Fail fast (before any worker starts) when ``uri`` cannot be written: write and delete a probe
+    object, on S3 with the check client after ``check_reachable``."""
+    check_reachable(uri, endpoint_url)
     probe = join(uri, f".write-probe-{uuid.uuid4().hex}")
-    write_bytes(probe, b"ok", endpoint_url)
-    delete(probe, endpoint_url)
+    write_bytes(probe, b"ok", endpoint_url, check=True)
+    delete(probe, endpoint_url, check=True)

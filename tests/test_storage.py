@@ -49,3 +49,80 @@ def test_bad_uris_and_unreachable_endpoint_name_the_problem(monkeypatch):
         storage.check_writable("s3://bucket/prefix", endpoint_url="http://127.0.0.1:9")
     assert "s3://bucket/prefix" in str(e.value) and "AWS_ENDPOINT_URL" in str(e.value)
     assert "topsecret-value-123" not in str(e.value), "never echo credentials"
+
+
+@pytest.fixture
+def silent_endpoint(monkeypatch):
+    """http://127.0.0.1:PORT of a TCP server that accepts connections and never answers (issue 17)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    # credentials from the environment: the SDK would otherwise also probe the EC2 metadata service
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "silent-endpoint-secret")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    server.close()
+    for conn in held:
+        conn.close()
+
+
+def _within(seconds: float, fn) -> BaseException | None:
+    """Run ``fn`` in a thread; its exception, or a failure when it has not returned within ``seconds``."""
+    import threading
+
+    outcome: list = []
+
+    def target() -> None:
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            outcome.append(e)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"still waiting after {seconds} s on an endpoint that never answers")
+    return outcome[0]
+
+
+def test_check_of_a_silent_endpoint_fails_fast_naming_it(silent_endpoint, caplog):
+    caplog.set_level("INFO", logger="mpformer_ray")
+    error = _within(30, lambda: storage.check_writable("s3://bucket/runs/x", silent_endpoint))
+    assert isinstance(error, storage.StorageError)
+    assert silent_endpoint in str(error) and "s3://bucket/runs/x" in str(error) and "no answer within" in str(error)
+    assert "Fix: point AWS_ENDPOINT_URL / storage.endpoint_url" in str(error)
+    assert "silent-endpoint-secret" not in str(error)
+    assert f"S3 endpoint {silent_endpoint} answers for s3://bucket/runs/x" in caplog.text  # said before waiting
+
+
+def test_training_preflight_on_a_silent_endpoint_fails_fast(silent_endpoint, tmp_path, synthetic_coco):
+    from mpformer_ray.config import load_config
+    from mpformer_ray.data.coco import convert_coco
+    from mpformer_ray.train import PreflightError, preflight
+
+    train = str(tmp_path / "train")
+    convert_coco(str(synthetic_coco), "val", train, task="panoptic", shard_size=4, num_workers=1, progress=False)
+    cfg = load_config("tiny", [f"data.train={train}", "data.val=", "storage.uri=s3://bucket/runs",
+                               f"storage.endpoint_url={silent_endpoint}"])
+    error = _within(30, lambda: preflight(cfg))
+    assert isinstance(error, PreflightError), error
+    assert str(error).startswith("storage.uri='s3://bucket/runs': s3://bucket/runs/") and silent_endpoint in str(error)
+    assert "no answer within" in str(error) and "Fix:" in str(error)

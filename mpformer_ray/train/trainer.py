@@ -115,6 +115,14 @@ def preflight(cfg: Config) -> TrainPlan:
                     "storage.uri to an s3:// URI or an absolute path outside it", cfg.storage.uri)
 
     run = run_uri(cfg)
+    # first, with a short timeout and no retries: an S3 endpoint that accepts connections and never
+    # answers would hold every read below for minutes without a word
+    for field, value, uri in (("storage.uri", cfg.storage.uri, run), ("data.train", cfg.data.train, cfg.data.train),
+                              ("data.val", cfg.data.val, cfg.data.val)):
+        try:
+            storage.check_reachable(uri, endpoint)
+        except storage.StorageError as e:
+            raise PreflightError(f"{field}={value!r}: {e}") from None
     train = _manifest(cfg.data.train, "data.train", endpoint)
     classes = train["classes"]
     if len(classes) != cfg.model.num_classes:
