@@ -82,11 +82,13 @@ def _env(head: dict) -> dict:
 def _nodes(head: dict) -> list[dict]:
     """Every node the cluster has known (alive or dead): id, state, CPUs, start time (ms)."""
     code = ("import json, ray; from ray.util.state import list_nodes; ray.init(address='auto', logging_level='ERROR');"
-            "print(json.dumps([{'id': n.node_id, 'state': n.state, 'cpus': n.resources_total.get('CPU', 0),"
+            "print('NODES', json.dumps([{'id': n.node_id, 'state': n.state, 'cpus': n.resources_total.get('CPU', 0),"
             " 'head': n.is_head_node, 'start_ms': n.start_time_ms} for n in list_nodes(detail=True)]))")
     out = subprocess.run([sys.executable, "-c", code], env=_env(head), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # the driver also prints the autoscaler's events ("Resized to 0 CPUs.")
+    (line,) = [line for line in out.stdout.splitlines() if line.startswith("NODES ")]
+    return json.loads(line[len("NODES "):])
 
 
 def test_sweep_scales_the_cluster_up_and_down(autoscaling_head, moto_server, tmp_path):
