@@ -5,8 +5,10 @@
     python jobs/prepare_data.py            # the synthetic dataset, the default everywhere
 
 Bad input (unreadable images, missing files, unknown categories, ...) is skipped or repaired
-and counted in the summary and manifest; ``--strict`` makes it an error naming the file.
-A rerun reuses shards already written.
+and counted in the summary and manifest; ``--strict`` makes it an error naming the file. When
+more than ``--max-skipped`` of a split is skipped (default 1 %: most of a split missing is a
+mistake, e.g. the panoptic PNG archive not unpacked) the job fails with the counts by reason
+and writes no manifest. A rerun reuses shards already written.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mpformer_ray.data.prepare import DATASETS, format_summary, prepare  # noqa: E402
-from mpformer_ray.data.records import DataError  # noqa: E402
+from mpformer_ray.data.records import MAX_SKIPPED, DataError  # noqa: E402
 from mpformer_ray.data.synthetic import VARIANTS  # noqa: E402
 from mpformer_ray.storage import StorageError  # noqa: E402
 from mpformer_ray.tasks import TASKS  # noqa: E402
@@ -36,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=500, help="images per Parquet shard")
     p.add_argument("--workers", type=int, default=0, help="conversion processes (0 = all cores)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad input instead of counting it")
+    p.add_argument("--max-skipped", type=float, default=MAX_SKIPPED, metavar="SHARE",
+                   help="largest share of the split that may be skipped before the job fails (default: %(default)s; "
+                        "1 writes whatever converts)")
     p.add_argument("--num-images", type=int, default=64, help="synthetic only: images to generate")
     p.add_argument("--image-size", type=int, default=128, help="synthetic only: image side in pixels")
     p.add_argument("--seed", type=int, default=0, help="synthetic only")
@@ -43,12 +48,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="synthetic only: generator (hard = 20 classes, crowded, occluded, thin and small objects)")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (else AWS_ENDPOINT_URL)")
     args = p.parse_args(argv)
+    if not 0 <= args.max_skipped <= 1:
+        p.error(f"--max-skipped is a share of the split in [0, 1], got {args.max_skipped}")
     out = args.out or str(Path(args.root).expanduser() / "records" / f"{args.split}-{args.task}")
     try:
         manifest = prepare(args.dataset, args.task, args.root, args.split, out, shard_size=args.shard_size,
                            num_workers=args.workers, strict=args.strict, endpoint_url=args.endpoint_url,
                            num_images=args.num_images, image_size=args.image_size, seed=args.seed,
-                           variant=args.variant)
+                           variant=args.variant, max_skipped=args.max_skipped)
     except (DataError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -221,7 +221,9 @@ def test_ade20k_bad_input_counted_or_strict(small_ade, tmp_path, case):
     root = tmp_path / "root"
     shutil.copytree(small_ade, root)
     corrupt(root)
-    manifest = convert_ade20k(str(root), "training", str(tmp_path / "out"), num_workers=1, progress=False)
+    # one bad image of 4: more than the default max_skipped share, so allowed explicitly
+    manifest = convert_ade20k(str(root), "training", str(tmp_path / "out"), num_workers=1, progress=False,
+                              max_skipped=1.0)
     other = "repaired" if table == "skipped" else "skipped"
     assert manifest[table] == {reason: 1} and manifest[other] == {}
     assert manifest["num_images"] == written and manifest["examples"][reason] == [named]
@@ -271,7 +273,7 @@ def test_cityscapes_bad_input_counted_or_strict(small_cs, tmp_path, case):
     shutil.copytree(small_cs, root)
     corrupt(root)
     manifest = convert_cityscapes(str(root), "val", str(tmp_path / "out"), task="panoptic", num_workers=1,
-                                  progress=False)
+                                  progress=False, max_skipped=1.0)  # one bad image of 4: allowed explicitly
     other = "repaired" if table == "skipped" else "skipped"
     assert manifest[table] == {reason: 1} and manifest[other] == {}
     assert manifest["num_images"] == written and manifest["examples"][reason] == [named]

@@ -151,8 +151,9 @@ def test_bad_input_is_counted_or_strict_error(synthetic_coco, tmp_path, case):
     shutil.copytree(synthetic_coco, root)
     named = _corrupt(root, case)
     section, images = CASES[case]
+    # one bad input of 12: more than the default max_skipped share, so allowed explicitly
     manifest = convert_coco(str(root), "train", str(tmp_path / "out"), task="instance", shard_size=5,
-                            num_workers=1, progress=False)
+                            num_workers=1, progress=False, max_skipped=1.0)
     assert manifest[section] == {case: 1}
     other = "repaired" if section == "skipped" else "skipped"
     assert manifest[other] == {} and manifest["kept"] == {"no_annotations": 1}
@@ -173,7 +174,7 @@ def test_panoptic_bad_png_and_strict_allows_empty_images(synthetic_coco, tmp_pat
     pan["annotations"][3]["segments_info"][0]["category_id"] = 555  # image 4
     pan_path.write_text(json.dumps(pan))
     manifest = convert_coco(str(root), "train", str(tmp_path / "out"), task="panoptic", num_workers=1,
-                            progress=False)
+                            progress=False, max_skipped=1.0)
     assert manifest["skipped"] == {"mask_size_mismatch": 1} and manifest["repaired"] == {"unknown_category": 1}
     assert manifest["num_images"] == TRAIN - 1
     rec = _records(str(tmp_path / "out"))[4]
@@ -257,3 +258,42 @@ def test_ensure_synthetic_generates_once(tmp_path):
     stamp = (Path(train) / "manifest.json").stat().st_mtime_ns
     assert ensure_synthetic(cfg) == (train, val)
     assert (Path(train) / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_split_mostly_skipped_fails_with_counts_unless_allowed(synthetic_coco, tmp_path):
+    """The panoptic PNG folder not unpacked: 11 of 12 images skipped used to write a manifest (issue 17)."""
+    root = tmp_path / "coco"
+    shutil.copytree(synthetic_coco, root)
+    pngs = root / "annotations" / "panoptic_train2017"
+    shutil.move(pngs, tmp_path / "unpacked-later")
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as err:
+        convert_coco(str(root), "train", str(out), task="panoptic", shard_size=4, num_workers=1, progress=False)
+    message = str(err.value)
+    assert "11 of 12 images (91.7 %) were skipped" in message and "max_skipped=0.01" in message
+    assert "missing_annotation_file=11 (e.g. train2017/000000000001.jpg" in message
+    assert f"{out}/manifest.json was not written" in message and "--max-skipped 0.92" in message
+    assert not (out / "manifest.json").exists()
+    # unpacked at last: the rerun converts every shard again instead of reusing what skipped
+    shutil.move(tmp_path / "unpacked-later", pngs)
+    fixed = convert_coco(str(root), "train", str(out), task="panoptic", shard_size=4, num_workers=1, progress=False)
+    assert fixed["num_images"] == TRAIN and fixed["skipped"] == {} and fixed["reused_shards"] == 0
+
+
+def test_prepare_data_job_refuses_a_mostly_skipped_split_unless_allowed(synthetic_coco, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prepare_data_job", REPO / "jobs" / "prepare_data.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    root = tmp_path / "coco"
+    shutil.copytree(synthetic_coco, root)
+    for png in sorted((root / "annotations" / "panoptic_val2017").glob("*.png"))[2:]:
+        png.unlink()
+    argv = ["--dataset", "coco", "--task", "panoptic", "--root", str(root), "--split", "val", "--workers", "1"]
+    assert job.main(argv + ["--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "error: split 'val': 2 of 4 images (50.0 %) were skipped" in err and "missing_annotation_file=2" in err
+    assert job.main(argv + ["--out", str(tmp_path / "allowed"), "--max-skipped", "0.5"]) == 0
+    assert "skipped (image left out): missing_annotation_file=2" in capsys.readouterr().out
+    assert read_manifest(str(tmp_path / "allowed"))["num_images"] == 2

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from mpformer_ray.data.records import ConversionReport, DataError, make_row, write_dataset
+from mpformer_ray.data.records import MAX_SKIPPED, ConversionReport, DataError, make_row, write_dataset
 from mpformer_ray.tasks import check_task
 
 
@@ -203,11 +203,11 @@ def coco_items(root: str, split: str, task: str,
 
 def convert_coco(root: str, split: str, out: str, *, task: str = "panoptic", shard_size: int = 500,
                  num_workers: int = 0, strict: bool = False, endpoint_url: str | None = None,
-                 progress: bool = True, dataset: str = "coco") -> dict:
+                 progress: bool = True, dataset: str = "coco", max_skipped: float = MAX_SKIPPED) -> dict:
     """Convert COCO ``split`` under ``root`` to records at ``out``; returns the manifest
     (``dataset`` is the name it records, e.g. "synthetic" for the generated COCO layout)."""
     report = ConversionReport(strict)
     items, classes, convert = coco_items(root, split, task, report)
     return write_dataset(out, items, convert, dataset=dataset, task=task, split=split, classes=classes,
                          shard_size=shard_size, num_workers=num_workers, strict=strict,
-                         endpoint_url=endpoint_url, progress=progress, report=report)
+                         endpoint_url=endpoint_url, progress=progress, report=report, max_skipped=max_skipped)

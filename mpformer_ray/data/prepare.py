@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mpformer_ray.data.coco import convert_coco
+from mpformer_ray.data.records import MAX_SKIPPED
 from mpformer_ray.data.synthetic import write_coco_layout
 from mpformer_ray.tasks import check_task
 
@@ -14,14 +15,16 @@ DATASETS = ("coco", "ade20k", "cityscapes", "synthetic")
 def prepare(dataset: str, task: str, root: str, split: str, out: str, *, shard_size: int = 500,
             num_workers: int = 0, strict: bool = False, endpoint_url: str | None = None,
             num_images: int = 64, image_size: int = 128, seed: int = 0, variant: str = "easy",
-            progress: bool = True) -> dict:
+            progress: bool = True, max_skipped: float = MAX_SKIPPED) -> dict:
     """Convert one split of a dataset on disk to records at ``out`` (local or s3://); returns the
     manifest. ``synthetic`` first writes ``num_images`` generated scenes (generator ``variant``) in the
-    COCO layout under ``root`` (kept if that split is already there), then converts them like COCO."""
+    COCO layout under ``root`` (kept if that split is already there), then converts them like COCO.
+    More than ``max_skipped`` of the split skipped is a DataError (``records.write_dataset``)."""
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     check_task(task)
-    kw = dict(task=task, shard_size=shard_size, num_workers=num_workers, strict=strict, endpoint_url=endpoint_url)
+    kw = dict(task=task, shard_size=shard_size, num_workers=num_workers, strict=strict, endpoint_url=endpoint_url,
+              max_skipped=max_skipped)
     if dataset in ("coco", "synthetic"):
         layout_done = (Path(root).expanduser() / "annotations" / f"panoptic_{split}2017.json").exists()
         if dataset == "synthetic" and not layout_done:

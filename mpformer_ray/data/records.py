@@ -12,13 +12,15 @@ Parquet files ``part-00000.parquet``, ... with one row per image:
 
 ``write_dataset`` converts small picklable work items in parallel, one shard per task; each
 shard lands atomically with a ``part-XXXXX.report.json`` sidecar, so a rerun skips finished
-shards. The manifest is written last and says what was skipped or repaired and why.
+shards. The manifest is written last and says what was skipped or repaired and why; when more
+than ``max_skipped`` of the split was skipped there is no manifest but a DataError with the counts.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -38,6 +40,9 @@ from mpformer_ray import storage
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 _EXAMPLES_PER_REASON = 5
+# share of a split that may be skipped before a conversion fails: a few bad files are normal, most of
+# a split missing (an archive not unpacked, a wrong folder) is a mistake to stop at
+MAX_SKIPPED = 0.01
 
 SEGMENT_TYPE = pa.struct([
     ("id", pa.int64()),
@@ -203,7 +208,8 @@ def _convert_shard(out_uri: str, index: int, items: Sequence, convert: Callable,
 def write_dataset(out_uri: str, items: Sequence, convert: Callable[[Any, ConversionReport], dict | None], *,
                   dataset: str, task: str, split: str, classes: list[dict], shard_size: int = 500,
                   num_workers: int = 0, strict: bool = False, endpoint_url: str | None = None,
-                  progress: bool = True, report: ConversionReport | None = None) -> dict:
+                  progress: bool = True, report: ConversionReport | None = None,
+                  max_skipped: float = MAX_SKIPPED) -> dict:
     """Convert ``items`` into sharded Parquet under ``out_uri`` and return the manifest.
 
     ``items`` are small picklable work descriptions (file paths plus that image's annotations,
@@ -213,9 +219,15 @@ def write_dataset(out_uri: str, items: Sequence, convert: Callable[[Any, Convers
     the pool spawns fresh interpreters, so a calling script needs ``if __name__ == "__main__":``.
     ``report`` carries problems the caller found while building the items (merged into the
     manifest). A rerun reuses shards whose Parquet file and sidecar both exist.
+
+    When more than ``max_skipped`` (a share, 0..1) of everything skipped or written was skipped, a
+    DataError gives the counts by reason and no manifest is written; the shards that skipped
+    something are forgotten, so a rerun after fixing the input converts them again.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if not 0 <= max_skipped <= 1:
+        raise ValueError(f"max_skipped is a share of the split in [0, 1], got {max_skipped}")
     storage.check_writable(out_uri, endpoint_url)
     shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
     existing = set(storage.listdir(out_uri, endpoint_url))
@@ -260,9 +272,16 @@ def write_dataset(out_uri: str, items: Sequence, convert: Callable[[Any, Convers
         total.merge(report)
     for index in range(len(shards)):
         total.merge_dict(results[index])
+    num_images = sum(r["num_images"] for r in results.values())
+    skipped = sum(total.skipped.values())
+    if skipped > max_skipped * (skipped + num_images):
+        for index, sidecar in results.items():
+            if sidecar.get("skipped"):
+                storage.delete(storage.join(out_uri, _report_name(index)), endpoint_url)
+        raise DataError(_too_many_skipped(split, out_uri, total, skipped, num_images, max_skipped))
     manifest = {
         "schema_version": SCHEMA_VERSION, "dataset": dataset, "task": task, "split": split, "classes": classes,
-        "num_images": sum(r["num_images"] for r in results.values()),
+        "num_images": num_images,
         "num_segments": sum(r["num_segments"] for r in results.values()),
         "shards": [{"file": _shard_name(i), "num_images": results[i]["num_images"]} for i in range(len(shards))],
         "reused_shards": len(shards) - len(todo),
@@ -270,6 +289,18 @@ def write_dataset(out_uri: str, items: Sequence, convert: Callable[[Any, Convers
     }
     storage.write_bytes(storage.join(out_uri, MANIFEST), json.dumps(manifest, indent=1).encode(), endpoint_url)
     return manifest
+
+
+def _too_many_skipped(split: str, out_uri: str, report: ConversionReport, skipped: int, written: int,
+                      max_skipped: float) -> str:
+    reasons = "; ".join(f"{reason}={n} (e.g. {', '.join(report.examples.get(reason, [])[:3])})"
+                        for reason, n in sorted(report.skipped.items(), key=lambda kv: -kv[1]))
+    share = skipped / (skipped + written)
+    return (f"split {split!r}: {skipped} of {skipped + written} images ({100 * share:.1f} %) were skipped, more "
+            f"than max_skipped={max_skipped:g} ({100 * max_skipped:g} %) allows, so {storage.join(out_uri, MANIFEST)} "
+            f"was not written. Skipped: {reasons}. Fix: repair the input the reasons name (e.g. unpack every "
+            "archive of the split where the dataset root expects it) and rerun; or rerun with --max-skipped "
+            f"{math.ceil(100 * share) / 100:g} to write the split without them")
 
 
 def read_manifest(uri: str, endpoint_url: str | None = None) -> dict:
