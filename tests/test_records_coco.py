@@ -297,3 +297,54 @@ def test_prepare_data_job_refuses_a_mostly_skipped_split_unless_allowed(syntheti
     assert job.main(argv + ["--out", str(tmp_path / "allowed"), "--max-skipped", "0.5"]) == 0
     assert "skipped (image left out): missing_annotation_file=2" in capsys.readouterr().out
     assert read_manifest(str(tmp_path / "allowed"))["num_images"] == 2
+
+
+def _val_split(synthetic_coco: Path, out: Path) -> dict:
+    """The 4 synthetic val images as panoptic records in 2 shards."""
+    return convert_coco(str(synthetic_coco), "val", str(out), task="panoptic", shard_size=2, num_workers=1,
+                        progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "a list", "no shards"])
+def test_damaged_manifest_names_the_file_and_the_fix(synthetic_coco, tmp_path, damage):
+    out = tmp_path / "val"
+    _val_split(synthetic_coco, out)
+    path = out / "manifest.json"
+    text = path.read_text()
+    path.write_text({"truncated": text[: len(text) // 2], "a list": "[]",
+                     "no shards": json.dumps({k: v for k, v in json.loads(text).items() if k != "shards"})}[damage])
+    for read in (read_manifest, lambda uri: next(read_records(uri))):
+        with pytest.raises(DataError) as err:
+            read(str(out))
+        assert str(path) in str(err.value) and f"re-run jobs/prepare_data.py with --out {out}" in str(err.value)
+    assert _val_split(synthetic_coco, out)["reused_shards"] == 2  # the fix: the rerun writes the manifest again
+    assert len(list(read_records(str(out)))) == 4
+
+
+def test_truncated_shard_names_the_file_and_the_fix(synthetic_coco, tmp_path):
+    from mpformer_ray.config import load_config
+    from mpformer_ray.data.pipeline import local_batches
+    from mpformer_ray.data.records import check_shards
+    from mpformer_ray.evaluation.runner import shard_records
+    from mpformer_ray.train import PreflightError, preflight
+
+    out = tmp_path / "val"
+    _val_split(synthetic_coco, out)
+    shard = out / "part-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    cfg = load_config("tiny", [f"data.train={out}", f"data.val={out}", f"storage.uri={tmp_path / 'runs'}"])
+    readers = {
+        "read_records": lambda: list(read_records(str(out))),
+        "evaluation": lambda: list(shard_records(str(out), 0, 1)),
+        "local_batches": lambda: next(local_batches(str(out), cfg, 2)),
+        "check_shards": lambda: check_shards(str(out)),
+        "preflight": lambda: preflight(cfg),
+    }
+    for name, read in readers.items():
+        with pytest.raises((DataError, PreflightError)) as err:
+            read()
+        assert str(shard) in str(err.value), name
+        assert "truncated or damaged" in str(err.value) and "re-run jobs/prepare_data.py" in str(err.value), name
+    assert not (tmp_path / "runs").exists()
+    rerun = _val_split(synthetic_coco, out)  # the fix: converts the damaged shard again, keeps the other
+    assert rerun["reused_shards"] == 1 and len(list(read_records(str(out)))) == 4

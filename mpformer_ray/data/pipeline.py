@@ -21,6 +21,7 @@ the same counter); ``iter_batches(dataset, epoch=e)`` on a plain Dataset pins it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import posixpath
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ import torch
 
 from mpformer_ray import storage
 from mpformer_ray.config import Config, DataConfig
-from mpformer_ray.data.records import DataError, decode_row, read_manifest
+from mpformer_ray.data.records import DataError, damaged_shard, decode_row, read_manifest
 from mpformer_ray.data.transforms import augment, augment_rng, eval_transform, normalize
 
 _MAP_BATCH_ROWS = 8  # images per decode/augment call: small, so a task's output streams out in small pieces
@@ -215,10 +216,19 @@ class RecordsStream(torch.utils.data.IterableDataset):
         self.data_cfg, self.train, self.seed, self.epoch, self.shuffle = data_cfg, train, seed, epoch, shuffle
         self.fs, paths, manifest = _shard_paths(uri, endpoint_url)
         self.num_images = manifest["num_images"]
-        self.units = []
+        self.uri, self.units = uri, []
         for path in paths:
+            with self._shard(path) as shard:
+                self.units += [(path, g) for g in range(shard.metadata.num_row_groups)]
+
+    @contextlib.contextmanager
+    def _shard(self, path: str) -> Iterator[pq.ParquetFile]:
+        """One shard opened; a DataError naming it and the fix when it is truncated or damaged."""
+        try:
             with self.fs.open_input_file(path) as f:
-                self.units += [(path, g) for g in range(pq.ParquetFile(f).metadata.num_row_groups)]
+                yield pq.ParquetFile(f)
+        except (pa.ArrowException, OSError) as e:
+            raise damaged_shard(self.uri, posixpath.basename(path), e) from None
 
     def __len__(self) -> int:
         return self.num_images
@@ -231,8 +241,8 @@ class RecordsStream(torch.utils.data.IterableDataset):
             order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
         for unit in order[worker::workers]:
             path, group = self.units[unit]
-            with self.fs.open_input_file(path) as f:
-                rows = pq.ParquetFile(f).read_row_group(group, columns=_RECORD_COLUMNS).to_pylist()
+            with self._shard(path) as shard:
+                rows = shard.read_row_group(group, columns=_RECORD_COLUMNS).to_pylist()
             if self.shuffle:
                 rows = [rows[i] for i in np.random.default_rng([self.seed, self.epoch, unit]).permutation(len(rows))]
             for row in rows:

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from typing import Any
 
 import numpy as np
@@ -235,7 +235,9 @@ def write_dataset(out_uri: str, items: Sequence, convert: Callable[[Any, Convers
     for index in range(len(shards)):
         if _shard_name(index) in existing and _report_name(index) in existing:
             sidecar = json.loads(storage.read_bytes(storage.join(out_uri, _report_name(index)), endpoint_url))
-            if sidecar.get("num_items") == len(shards[index]):  # else written with another --shard-size
+            # else written with another --shard-size, or the shard was truncated or damaged since
+            if sidecar.get("num_items") == len(shards[index]) and _shard_rows_or_none(
+                    out_uri, _shard_name(index), endpoint_url) == sidecar.get("num_images"):
                 results[index] = sidecar
     todo = [i for i in range(len(shards)) if i not in results]
     workers = num_workers or os.cpu_count() or 1
@@ -303,24 +305,83 @@ def _too_many_skipped(split: str, out_uri: str, report: ConversionReport, skippe
             f"{math.ceil(100 * share) / 100:g} to write the split without them")
 
 
+def _rerun(uri: str) -> str:
+    return (f"re-run jobs/prepare_data.py with --out {uri} and the split's --dataset / --root / --split: it "
+            "converts again what is missing or damaged, keeps the intact shards and writes the manifest")
+
+
 def read_manifest(uri: str, endpoint_url: str | None = None) -> dict:
-    """The manifest of a prepared split; a DataError that says how to make one when absent."""
+    """The manifest of a prepared split; a DataError naming the file and the fix when it is absent,
+    not valid JSON (truncated) or lacks the fields a split needs."""
     path = storage.join(uri, MANIFEST)
     if not storage.exists(path, endpoint_url):
         raise DataError(f"{path} does not exist: prepare the split first with "
                         f"jobs/prepare_data.py --dataset ... --out {uri}")
-    manifest = json.loads(storage.read_bytes(path, endpoint_url))
+    try:
+        manifest = json.loads(storage.read_bytes(path, endpoint_url))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise DataError(f"{path} is not valid JSON ({e}): it is truncated or damaged. Fix: {_rerun(uri)}") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path} holds a JSON {type(manifest).__name__}, not a manifest object. Fix: {_rerun(uri)}")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"{path}: schema_version {manifest.get('schema_version')!r}, this code reads "
                         f"{SCHEMA_VERSION}; re-run jobs/prepare_data.py")
+    missing = [k for k in ("classes", "shards", "num_images") if k not in manifest]
+    shards = manifest.get("shards")
+    if missing or not isinstance(shards, list) or not all(isinstance(s, dict) and {"file", "num_images"} <= s.keys()
+                                                          for s in shards):
+        what = f"lacks {missing}" if missing else "has a 'shards' list without 'file' / 'num_images' entries"
+        raise DataError(f"{path} {what}. Fix: {_rerun(uri)}")
     return manifest
+
+
+def damaged_shard(uri: str, file: str, err: Exception) -> DataError:
+    """The error for shard ``file`` of the split at ``uri`` that Parquet cannot read (``err``)."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return DataError(f"{storage.join(uri, file)} is not a readable Parquet shard ({reason}): it is truncated or "
+                     f"damaged. Fix: {_rerun(uri)}")
+
+
+def shard_rows(uri: str, file: str, endpoint_url: str | None = None, batch_size: int = 16) -> Iterator[dict]:
+    """The undecoded rows of shard ``file`` of the split at ``uri`` (one GET, ``batch_size`` rows decoded
+    from Parquet at a time); a DataError naming the shard and the fix when it is truncated or damaged."""
+    data = storage.read_bytes(storage.join(uri, file), endpoint_url)
+    try:
+        for batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=batch_size):
+            yield from batch.to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise damaged_shard(uri, file, e) from None
+
+
+def _shard_rows_or_none(uri: str, file: str, endpoint_url: str | None) -> int | None:
+    """Rows a shard's Parquet footer records (a few KB read), None when the footer cannot be read."""
+    fs, path = storage.resolve(storage.join(uri, file), endpoint_url)
+    try:
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    except (pa.ArrowException, OSError):
+        return None
+
+
+def check_shards(uri: str, endpoint_url: str | None = None, manifest: dict | None = None) -> None:
+    """Read every shard's Parquet footer (8 at a time): a DataError naming the first shard that is
+    missing, truncated or damaged, or holds another number of rows than the manifest says."""
+    manifest = manifest or read_manifest(uri, endpoint_url)
+    shards = manifest["shards"]
+    with ThreadPoolExecutor(8) as pool:
+        rows = list(pool.map(lambda s: _shard_rows_or_none(uri, s["file"], endpoint_url), shards))
+    for shard, n in zip(shards, rows):
+        if n is None:
+            raise DataError(f"{storage.join(uri, shard['file'])} is missing or not a readable Parquet shard: it is "
+                            f"truncated or damaged. Fix: {_rerun(uri)}")
+        if n != shard["num_images"]:
+            raise DataError(f"{storage.join(uri, shard['file'])} holds {n} rows, the manifest says "
+                            f"{shard['num_images']}: it was replaced after the manifest was written. Fix: {_rerun(uri)}")
 
 
 def read_records(uri: str, endpoint_url: str | None = None) -> Iterator[dict]:
     """Decoded records of a prepared split, shard by shard (a few rows in memory at a time)."""
     manifest = read_manifest(uri, endpoint_url)
     for shard in manifest["shards"]:
-        data = storage.read_bytes(storage.join(uri, shard["file"]), endpoint_url)
-        for batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=16):
-            for row in batch.to_pylist():
-                yield decode_row(row)
+        for row in shard_rows(uri, shard["file"], endpoint_url):
+            yield decode_row(row)

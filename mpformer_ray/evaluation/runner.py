@@ -18,8 +18,6 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -28,7 +26,7 @@ from torch import nn
 from mpformer_ray import storage
 from mpformer_ray.amp import resolve_amp
 from mpformer_ray.config import Config
-from mpformer_ray.data.records import decode_row, read_manifest
+from mpformer_ray.data.records import decode_row, read_manifest, shard_rows
 from mpformer_ray.data.transforms import eval_transform, normalize
 from mpformer_ray.evaluation.consistency import MaskConsistency
 from mpformer_ray.evaluation.evaluator import Evaluator
@@ -49,14 +47,12 @@ def shard_records(uri: str, rank: int, world_size: int, max_images: int = 0,
     manifest = read_manifest(uri, endpoint_url)
     index = 0
     for shard in manifest["shards"]:
-        data = storage.read_bytes(storage.join(uri, shard["file"]), endpoint_url)
-        for batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=16):
-            for row in batch.to_pylist():
-                if 0 < max_images <= index:
-                    return
-                if index % world_size == rank:
-                    yield decode_row(row)
-                index += 1
+        for row in shard_rows(uri, shard["file"], endpoint_url):
+            if 0 < max_images <= index:
+                return
+            if index % world_size == rank:
+                yield decode_row(row)
+            index += 1
 
 
 def _gt_targets(record: dict, resized_hw: tuple[int, int], padded_hw: tuple[int, int], mask_hw: tuple[int, int],

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from mpformer_ray import storage  # noqa: E402
 from mpformer_ray.config import Config, config_from_dict  # noqa: E402
 from mpformer_ray.log import setup_logging  # noqa: E402
-from mpformer_ray.data.records import DataError, read_manifest  # noqa: E402
+from mpformer_ray.data.records import DataError, check_shards, read_manifest  # noqa: E402
 from mpformer_ray.tasks import main_metric, main_task, tasks_for  # noqa: E402
 from mpformer_ray.train.checkpoint import CheckpointError, CheckpointStore, check_resume, run_uri  # noqa: E402
 from mpformer_ray.train.cluster import current_cluster, findings  # noqa: E402
@@ -89,8 +89,11 @@ def _run_tasks(cfg: Config, train: dict, val: dict | None) -> list[str]:
 
 
 def _manifest(uri: str, field: str, endpoint_url: str | None) -> dict:
+    """The split's manifest, once every shard it lists has a readable Parquet footer."""
     try:
-        return read_manifest(uri, endpoint_url)
+        manifest = read_manifest(uri, endpoint_url)
+        check_shards(uri, endpoint_url, manifest)
+        return manifest
     except (DataError, storage.StorageError) as e:
         raise PreflightError(f"{field}={uri!r} cannot be read: {e}") from None
 
