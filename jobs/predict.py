@@ -8,6 +8,10 @@ Per image NAME.ext, under --out: NAME_overlay.png (segments blended in colour wi
 and scores), NAME_sem_seg.png (uint8 label map), NAME_panoptic.png + NAME_panoptic.json (COCO
 panoptic format), NAME_instances.json (COCO results with RLE masks). Images and --out may be
 local paths or s3:// URIs. The written files are listed on stdout.
+
+Every image is tried: one that is missing (reported before the model loads) or cannot be decoded
+gets an error line naming it on stderr, the others are still written, and the exit status is 2
+when any image failed.
 """
 
 from __future__ import annotations
@@ -42,12 +46,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
     from mpformer_ray.predict import image_id_for, load_for_inference, load_image, predict, resolve_device, write_predictions
 
+    failed: list[str] = []
     try:
-        device = resolve_device(args.device)
-        model, cfg, classes = load_for_inference(args.checkpoint, args.overrides, device, args.endpoint_url)
-        storage.check_writable(args.out, args.endpoint_url)
+        # a mistyped path shows before the model loads, not after every image before it
+        todo = []
         for index, uri in enumerate(args.images, start=1):
-            image = load_image(uri, args.endpoint_url)
+            if storage.exists(uri, args.endpoint_url):
+                todo.append((index, uri))
+            else:
+                print(f"error: {uri} does not exist", file=sys.stderr)
+                failed.append(uri)
+        if todo:
+            device = resolve_device(args.device)
+            model, cfg, classes = load_for_inference(args.checkpoint, args.overrides, device, args.endpoint_url)
+            storage.check_writable(args.out, args.endpoint_url)
+        for index, uri in todo:
+            try:
+                image = load_image(uri, args.endpoint_url)
+            except (storage.StorageError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                failed.append(uri)
+                continue
             prediction = predict(model, image, cfg, device)
             written = write_predictions(args.out, uri, image, prediction, classes, image_id_for(uri, index),
                                         score_threshold=args.score_threshold, endpoint_url=args.endpoint_url)
@@ -55,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
     except (ConfigError, storage.StorageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if failed:
+        print(f"error: {len(failed)} of {len(args.images)} images failed, the others were written: "
+              f"{', '.join(failed)}", file=sys.stderr)
         return 2
     return 0
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_util
 from torch import nn
 
@@ -70,6 +70,9 @@ def load_image(uri: str, endpoint_url: str | None = None) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(data))
         image = ImageOps.exif_transpose(image).convert("RGB")
+    except UnidentifiedImageError:  # its message is the repr of our in-memory buffer
+        raise ValueError(f"{uri}: cannot decode as an image (not an image format Pillow reads); give a PNG or "
+                         "JPEG file") from None
     except (OSError, ValueError) as e:
         raise ValueError(f"{uri}: cannot decode as an image ({e}); give a PNG or JPEG file") from None
     return np.asarray(image)

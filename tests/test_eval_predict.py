@@ -279,3 +279,30 @@ def test_predict_job_writes_outputs(val_uri, classes, tmp_path, capsys):
 
 
 KEEP_ALL_ARGS = [arg for setting in KEEP_ALL for arg in ("--set", setting)]
+
+
+def test_predict_job_writes_every_good_image_and_names_each_bad_one(val_uri, classes, tmp_path, capsys):
+    """Bad inputs first: the job used to stop at the first one and write nothing (issue 17)."""
+    cfg = load_config("tiny", TINY + [f"data.val={val_uri}"])
+    ckpt = _checkpoint(str(tmp_path / "run"), cfg, classes)
+    garbage, truncated, missing = tmp_path / "garbage.png", tmp_path / "truncated.jpg", tmp_path / "missing.jpg"
+    garbage.write_bytes(b"hello")
+    Image.fromarray(_scene_image(40, 56)).save(truncated, quality=90)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    good = []
+    for i in range(2):
+        good.append(tmp_path / f"good{i}.png")
+        Image.fromarray(_scene_image(40 + 8 * i, 56)).save(good[-1])
+    out = tmp_path / "pred"
+    argv = ["--checkpoint", ckpt, "--out", str(out), "--device", "cpu",
+            *map(str, [garbage, missing, good[0], truncated, good[1]]), *KEEP_ALL_ARGS]
+    assert _job_main("predict")(argv) == 2
+    captured = capsys.readouterr()
+    assert all((out / f"good{i}_overlay.png").exists() for i in range(2))
+    assert len(captured.out.split()) == 2 * 5
+    lines = captured.err.strip().splitlines()
+    assert lines[0] == f"error: {missing} does not exist"  # reported before the model loads
+    assert any(line.startswith(f"error: {garbage}: cannot decode as an image") for line in lines)
+    assert any(line.startswith(f"error: {truncated}: cannot decode as an image") for line in lines)
+    assert lines[-1] == f"error: 3 of 5 images failed, the others were written: {missing}, {garbage}, {truncated}"
+    assert "0x" not in captured.err and "<" not in captured.err  # no repr of internal objects
