@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from mpformer_ray import storage
 from mpformer_ray.train import CheckpointStore, PreflightError, load_checkpoint, preflight
@@ -147,10 +148,14 @@ def test_failed_preflight_leaves_no_run_directory(records, tmp_path):
 
 @pytest.mark.parametrize("job", ["evaluate", "predict"])
 def test_inference_jobs_name_the_damaged_or_unfitting_checkpoint(job, run, tmp_path, capsys):
+    # an image that exists: predict names a missing one before it loads the checkpoint
+    image = tmp_path / "image.png"
+    Image.new("RGB", (8, 8)).save(image)
+
     def fails(checkpoint: Path, *extra: str) -> str:
         argv = ["--checkpoint", str(checkpoint), "--device", "cpu", *extra]
         if job == "predict":
-            argv += ["--out", str(tmp_path / "pred"), str(tmp_path / "image.png")]
+            argv += ["--out", str(tmp_path / "pred"), str(image)]
         assert _job_main(job)(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
