@@ -20,6 +20,12 @@ from pathlib import Path
 import pytest
 
 VENV_BIN = Path(sys.executable).parent
+# a model small enough for end-to-end jobs on 2 cores, at 64 px
+TINY_MODEL = [
+    "model.dec_layers=2", "model.enc_layers=1", "model.num_queries=8", "model.hidden_dim=32", "model.nheads=2",
+    "model.dim_feedforward=64", "model.enc_dim_feedforward=64", "model.mask_dim=32", "model.train_num_points=256",
+    "data.crop_size=[64,64]", "data.test_short_side=64", "data.test_max_size=64",
+]
 
 _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -82,6 +88,15 @@ def synthetic_coco(tmp_path_factory) -> Path:
     write_coco_layout(root, "train", num=12, size=64, seed=0)
     write_coco_layout(root, "val", num=4, size=64, seed=0)
     return root
+
+
+def upload_records(local: str, uri: str) -> str:
+    """Copy a prepared records directory (manifest + shards) to ``uri`` (e.g. the moto bucket)."""
+    from mpformer_ray import storage
+
+    for name in storage.listdir(local):
+        storage.write_bytes(storage.join(uri, name), storage.read_bytes(storage.join(local, name)))
+    return uri
 
 
 def free_ports(n: int) -> list[int]:

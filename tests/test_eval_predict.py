@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from mpformer_ray import storage
 from mpformer_ray.config import load_config
 from mpformer_ray.data.coco import convert_coco
 from mpformer_ray.data.records import read_manifest, read_records

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TINY_MODEL, upload_records
+
 from mpformer_ray import storage
 from mpformer_ray.config import load_config
 from mpformer_ray.data.synthetic import ensure_synthetic
@@ -25,10 +27,7 @@ from mpformer_ray.train.loop import fault_marker
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = [
-    "model.dec_layers=2", "model.enc_layers=1", "model.num_queries=8", "model.hidden_dim=32", "model.nheads=2",
-    "model.dim_feedforward=64", "model.enc_dim_feedforward=64", "model.mask_dim=32", "model.train_num_points=256",
-    "data.crop_size=[64,64]", "data.test_short_side=64", "data.test_max_size=64",
+TINY = TINY_MODEL + [
     "train.batch_size=2", "train.workers=2", "train.cpus_per_worker=0.5", "train.log_period=5",
     "train.checkpoint_period=10", "train.eval_period=0", "train.keep_checkpoints=2",
 ]
@@ -46,11 +45,8 @@ def local_data(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def s3_data(moto_server, local_data) -> dict:
     """local_data copied into the moto bucket."""
-    uris = {}
-    for split, local in local_data.items():
-        uris[split] = f"s3://{moto_server['bucket']}/data/{split}"
-        for name in storage.listdir(local):
-            storage.write_bytes(storage.join(uris[split], name), storage.read_bytes(storage.join(local, name)))
+    uris = {split: upload_records(local, f"s3://{moto_server['bucket']}/data/{split}")
+            for split, local in local_data.items()}
     return {**uris, "storage": f"s3://{moto_server['bucket']}/runs"}
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_ports, client_env, started_ray_head
+from conftest import TINY_MODEL, client_env, free_ports, started_ray_head, upload_records
 
 from mpformer_ray import storage
 from mpformer_ray.config import load_config
@@ -34,10 +34,7 @@ from mpformer_ray.data.synthetic import ensure_synthetic
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = [
-    "model.dec_layers=2", "model.enc_layers=1", "model.num_queries=8", "model.hidden_dim=32", "model.nheads=2",
-    "model.dim_feedforward=64", "model.enc_dim_feedforward=64", "model.mask_dim=32", "model.train_num_points=256",
-    "data.crop_size=[64,64]", "data.test_short_side=64", "data.test_max_size=64",
+TINY = TINY_MODEL + [
     "train.batch_size=2", "train.workers=1", "train.cpus_per_worker=1", "train.log_period=4",
     "train.max_iters=8", "train.eval_period=4", "train.checkpoint_period=4", "train.max_failures=0",
 ]
@@ -94,11 +91,8 @@ def _nodes(head: dict) -> list[dict]:
 def test_sweep_scales_the_cluster_up_and_down(autoscaling_head, moto_server, tmp_path):
     cfg = load_config("tiny", [f"data.synthetic.root={tmp_path / 'synthetic'}", "data.synthetic.num_train=8",
                                "data.synthetic.num_val=2", "data.synthetic.image_size=64"])
-    data = {}
-    for split, local in zip(("train", "val"), ensure_synthetic(cfg.data.synthetic)):
-        data[split] = f"s3://{moto_server['bucket']}/autoscale-data/{split}"
-        for name in storage.listdir(local):
-            storage.write_bytes(storage.join(data[split], name), storage.read_bytes(storage.join(local, name)))
+    data = {split: upload_records(local, f"s3://{moto_server['bucket']}/autoscale-data/{split}")
+            for split, local in zip(("train", "val"), ensure_synthetic(cfg.data.synthetic))}
     space = tmp_path / "sweep.yaml"
     space.write_text(SWEEP)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import client_env
+from conftest import TINY_MODEL, client_env, upload_records
 
 from mpformer_ray import storage
 from mpformer_ray.config import load_config
@@ -34,10 +34,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_ITERS = 16
-TINY = [
-    "model.dec_layers=2", "model.enc_layers=1", "model.num_queries=8", "model.hidden_dim=32", "model.nheads=2",
-    "model.dim_feedforward=64", "model.enc_dim_feedforward=64", "model.mask_dim=32", "model.train_num_points=256",
-    "data.crop_size=[64,64]", "data.test_short_side=64", "data.test_max_size=64",
+TINY = TINY_MODEL + [
     "train.batch_size=2", "train.workers=2", "train.cpus_per_worker=0.5", "train.log_period=4",
     f"train.max_iters={MAX_ITERS}", "train.eval_period=4", "train.checkpoint_period=4",
     # mIoU separates trials from the first evaluation on; PQ of a 4-iteration model is 0 for all
@@ -66,11 +63,8 @@ def s3_sweep(moto_server, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("synthetic")
     cfg = load_config("tiny", [f"data.synthetic.root={root}", "data.synthetic.num_train=16",
                                "data.synthetic.num_val=4", "data.synthetic.image_size=64"])
-    uris = {}
-    for split, local in zip(("train", "val"), ensure_synthetic(cfg.data.synthetic)):
-        uris[split] = f"s3://{moto_server['bucket']}/sweep-data/{split}"
-        for name in storage.listdir(local):
-            storage.write_bytes(storage.join(uris[split], name), storage.read_bytes(storage.join(local, name)))
+    uris = {split: upload_records(local, f"s3://{moto_server['bucket']}/sweep-data/{split}")
+            for split, local in zip(("train", "val"), ensure_synthetic(cfg.data.synthetic))}
     space = tmp_path_factory.mktemp("space") / "sweep.yaml"
     space.write_text(SWEEP)
     return {**uris, "storage": f"s3://{moto_server['bucket']}/sweeps", "space": str(space)}
