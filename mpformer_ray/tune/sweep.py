@@ -247,8 +247,13 @@ def run_sweep(cfg: Config, sweep: Sweep, *, resume: bool = False, address: str |
             param_space=sweep.tune_space(),
             tune_config=tune.TuneConfig(
                 metric=metric, mode="max", search_alg=_search_alg(sweep, metric), scheduler=_scheduler(sweep, plan.cfg),
-                num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent, reuse_actors=False,
-                trial_name_creator=lambda t: t.trial_id, trial_dirname_creator=lambda t: t.trial_id),
+                num_samples=sweep.num_samples, trial_name_creator=lambda t: t.trial_id,
+                trial_dirname_creator=lambda t: t.trial_id,
+                # the grid's generator holds the limit itself (Tune would only warn about it)
+                max_concurrent_trials=None if sweep.search == "grid" else sweep.max_concurrent,
+                # a reused actor would have to end a stopped trial's fit() within Tune's 2 s
+                # reset timeout, or the next trial fails; a new actor per trial costs its imports
+                reuse_actors=False),
             run_config=tune.RunConfig(
                 name=plan.cfg.run.name, storage_path=root, storage_filesystem=fs,
                 # a failed trial is recorded with its reason and the sweep goes on; Ray Train
