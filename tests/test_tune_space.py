@@ -143,3 +143,16 @@ def test_grid_runs_each_point_once_unless_told_and_optuna_defaults_to_eight(tmp_
     path.write_text("num_samples: 0\nspace: {train.lr: {uniform: [0.0001, 0.001]}}")
     with pytest.raises(SweepError, match="num_samples and max_concurrent must be >= 1"):
         load_sweep(str(path), cfg)
+
+
+def test_resume_without_a_sweep_or_on_a_training_run_is_refused_before_anything_is_written(tmp_path):
+    from mpformer_ray.tune.sweep import run_sweep
+
+    cfg = load_config("tiny", [f"storage.uri={tmp_path / 'runs'}", "run.name=s"])
+    sweep = load_sweep("pilot", cfg)
+    with pytest.raises(SweepError, match="no sweep to resume at .*runs/s"):
+        run_sweep(cfg, sweep, resume=True)
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "s" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(SweepError, match="holds a training run"):
+        run_sweep(cfg, sweep)

@@ -208,18 +208,20 @@ def run_sweep(cfg: Config, sweep: Sweep, *, resume: bool = False, address: str |
     are not rerun, unfinished ones continue from their latest checkpoint, the searcher's
     state is restored. ``resume=True`` requires an existing sweep.
     """
+    # what the directory holds decides before preflight, which creates it
+    uri = storage.join(storage.absolute(cfg.storage.uri), cfg.run.name)
+    endpoint = storage.endpoint_for(cfg.storage.endpoint_url)
+    existing = storage.exists(storage.join(uri, SWEEP_STATE), endpoint)
+    if resume and not existing:
+        raise SweepError(f"--resume: no sweep to resume at {uri} (no {SWEEP_STATE}); run without --resume to start it")
+    if not existing and storage.exists(storage.join(uri, "checkpoints"), endpoint):
+        raise SweepError(f"{uri} holds a training run (checkpoints/), not a sweep; set another run.name for the sweep")
     plan = preflight(cfg)
-    uri = plan.run_uri
     fs, root = storage.resolve(plan.cfg.storage.uri, plan.endpoint_url)
     exp_path = storage.resolve(uri, plan.endpoint_url)[1]
     state = _sweep_state(sweep, plan.cfg)
-    existing = storage.exists(storage.join(uri, SWEEP_STATE), plan.endpoint_url)
-    if resume and not existing:
-        raise SweepError(f"--resume: no sweep to resume at {uri} (no {SWEEP_STATE}); run without --resume to start it")
     if existing:
         _check_same_sweep(uri, state, plan.endpoint_url)
-    elif storage.exists(storage.join(uri, "checkpoints"), plan.endpoint_url):
-        raise SweepError(f"{uri} holds a training run (checkpoints/), not a sweep; set another run.name for the sweep")
     own_instance = init_ray(address, runtime_env=RUNTIME_ENV)
     check_resources(plan.cfg, own_instance=own_instance)
     if own_instance and (problem := concurrency_problem(ray.cluster_resources().get("CPU", 0.0), plan.cfg,
