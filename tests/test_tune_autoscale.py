@@ -1,8 +1,8 @@
 """A sweep on an autoscaling cluster (slow): Ray's fake multi-node provider on this machine.
 
 The head, started for the test with ``RAY_FAKE_CLUSTER=1 ray start --head --num-cpus=0
---autoscaling-config=...`` and a temp dir of its own, has no CPU; the autoscaler may start up to
-2 worker nodes of 4 (logical) CPUs: Ray Data gets whole CPUs that Train's workers leave on a node,
+--autoscaling-config=...`` and a temp dir of its own, has no CPU; the autoscaler may start one
+worker node of 4 (logical) CPUs: Ray Data gets whole CPUs that Train's workers leave on a node,
 split between the trials running there, so 2 trials of 1 worker x 1 CPU need 4 on a node. A 2-trial sweep submitted to it can only run on worker nodes that did
 not exist when it started; they are gone again after the idle timeout (15 s). One of the two
 trials loses a Train worker (fault injection, no restarts allowed): it is recorded as failed with
@@ -53,12 +53,14 @@ def autoscaling_head(tmp_path_factory):
     base = tmp_path_factory.mktemp("autoscaling_head")
     (gcs,) = free_ports(1)
     config = {
-        "cluster_name": "fake-autoscaling", "max_workers": 2, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.25,
+        "cluster_name": "fake-autoscaling", "max_workers": 1, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.25,
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{gcs}"},
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-            "ray.worker.cpu": {"resources": {"CPU": 4}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+            # one node: a second one, launched for Ray Data's own resource requests and idle for the
+            # 15 s timeout, was terminated under a Ray Data actor placed on it (the trial failed)
+            "ray.worker.cpu": {"resources": {"CPU": 4}, "node_config": {}, "min_workers": 0, "max_workers": 1},
         },
         "head_node_type": "ray.head.default", "auth": {}, "docker": {}, "file_mounts": {},
         "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
