@@ -115,6 +115,12 @@ def test_sweep_on_s3_survives_a_killed_driver(ray_head, s3_sweep, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         log.close()
+    # Ray ends a dead driver's trials (their Train workers) only after it notices; until then an
+    # orphaned attempt may still checkpoint (seen in CI). A user's rerun comes later than that.
+    deadline = time.time() + 120
+    while (cpus := _cluster_cpus(ray_head))[1] < cpus[0]:
+        assert time.time() < deadline, f"the killed sweep's workers still hold CPUs: {cpus}"
+        time.sleep(2)
     before = _trial_pointers(sweep_uri)
     finished = {t: load_checkpoint(storage.join(sweep_uri, t, "checkpoints", p["latest"]))["starts"]
                 for t, p in before.items() if p["iteration"] == MAX_ITERS}
