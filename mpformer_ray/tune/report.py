@@ -66,6 +66,12 @@ def trials_table(grid: Any, metric: str, params: list[str], max_iters: int) -> p
     return table
 
 
+def table_text(table: pd.DataFrame) -> str:
+    """The trials table as the job prints it: every column, one line per trial."""
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
+        return table.to_string(index=False)
+
+
 def learning_curves(grid: Any, metric: str) -> dict[str, pd.DataFrame]:
     """trial id -> its evaluations (columns ``iteration`` and ``metric``) in order."""
     curves = {}

@@ -275,8 +275,7 @@ def best_config(result: SweepResult) -> tuple[Config, Any]:
     except RuntimeError:
         raise SweepError(f"no trial of {result.uri} reported {result.metric}; see the trials table for the "
                          "reasons") from None
-    params = {k: v for k, v in best.config.items()}
-    cfg = trial_config(result.plan.cfg, params)
+    cfg = trial_config(result.plan.cfg, best.config)
     cfg.run.name = f"{result.plan.cfg.run.name}-best"
     return cfg, best
 
@@ -299,16 +298,12 @@ def finish_sweep(result: SweepResult, sweep: Sweep) -> str:
         best_cfg, best = best_config(result)
     except SweepError as e:
         best_cfg, best, missing = None, None, str(e)
-    best_yaml = None
-    if best is not None:
-        best_yaml = best_config_yaml(best_cfg, best.metrics.get("trial_id", "?"), metric, best.metrics[metric])
+    best_yaml = (best_config_yaml(best_cfg, best.metrics.get("trial_id", "?"), metric, best.metrics[metric])
+                 if best is not None else None)
     pngs = report.plots(table, report.learning_curves(result.grid, metric), metric, names)
     written = report.write_outputs(result.uri, endpoint, table, best_yaml, pngs)
-    import pandas as pd
-
-    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 60):
-        lines = [f"\nsweep {result.uri}: {len(table)} trials, objective {metric} (higher is better)\n",
-                 table.to_string(index=False)]
+    lines = [f"\nsweep {result.uri}: {len(table)} trials, objective {metric} (higher is better)\n",
+             report.table_text(table)]
     if best is None:
         raise SweepError(f"{missing}\n" + "\n".join(lines))
     lines += ["", f"best trial:    {best.metrics.get('trial_id')}  {metric} {best.metrics[metric]:.4f}  "
