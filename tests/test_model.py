@@ -209,8 +209,9 @@ def test_criterion_equals_a_per_prediction_reference():
         want[f"loss_mask{suffix}"] = bce / num_masks * weights["mask"]
         want[f"loss_dice{suffix}"] = dice / num_masks * weights["dice"]
         logits, embed = pilots[p]["pred_logits"], pilots[p]["mask_embed"]
+        # every pilot slot, padding on "no object" (the released criterion's weighted mean)
         want[f"loss_ce_pilot{suffix}"] = torch.nn.functional.cross_entropy(
-            logits[valid], pilot_labels[valid], reduction="sum") / num_pilots * weights["ce"]
+            logits.transpose(1, 2), torch.where(valid, pilot_labels, k), criterion.empty_weight) * weights["ce"]
         bce = dice = 0
         for i in range(3):
             if valid[i].any():

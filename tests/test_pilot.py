@@ -56,14 +56,13 @@ def test_layout_and_self_attention_mask(counts):
             assert batch.valid[b, [r - Q for r in real]].all() and not batch.valid[b, [x - Q for x in pad]].any()
             assert batch.target_index[b, [r - Q for r in real]].tolist() == list(range(n))
             assert torch.equal(batch.labels[b, [r - Q for r in real]], targets[b]["labels"])
-            # a group sees itself and the matching queries, never another group
-            assert not blocked[real][:, real].any()
-            assert not blocked[real][:, :Q].any()
-            assert blocked[real][:, others].all()
-            # padding slots see only themselves and nobody sees them
+            # a group (padding slots included, as in the released code) sees itself and the matching
+            # queries, never another group
+            own = real + pad
+            assert not blocked[own][:, own].any()
+            assert not blocked[own][:, :Q].any()
+            assert blocked[own][:, others].all()
             for s in pad:
-                assert blocked[s].sum() == Q + p - 1 and not blocked[s, s]
-                assert blocked[torch.arange(Q + p) != s, s].all()
                 assert not batch.content[b, s - Q].any()
 
 
@@ -155,3 +154,86 @@ def test_shift_and_scale_noise_stay_within_ratio():
 def test_pilot_config_is_validated():
     with pytest.raises(ValueError, match="mask_noise"):
         make_pilot(noise="blur")
+
+
+def released_reference(targets: list[dict[str, torch.Tensor]], num_queries: int, groups: int,
+                       sizes: list[tuple[int, int]], num_layers: int, label_enc: torch.Tensor) -> dict:
+    """The released MP-Former's pilot rules (IDEA-Research/MP-Former, mask2former_transformer_decoder.py,
+    MultiScaleMaskedTransformerDecoderMaskDN with DN_MODE=points, ALL_LY_DN=True, label and point noise 0),
+    restated in its own layout: pilot slots FIRST (``pad_size`` = groups * max_num), then the matching queries.
+
+    Returns content [B, pad_size, C]; self_blocked bool [pad_size + Q, pad_size + Q] (``tgt_mask``);
+    cross_blocked: per decoder layer bool [B, pad_size, h * w] of the pilot rows after the "a fully masked row
+    attends everywhere" step; ce_targets int64 [B, pad_size] (K = no object) of the ``dn_out`` class loss."""
+    b = len(targets)
+    num_boxes = [len(t["labels"]) for t in targets]
+    max_num = single_pad = max(num_boxes)
+    pad_size = groups * max_num
+    known_bid = torch.cat([torch.full((n,), i) for i, n in enumerate(num_boxes)]).repeat(groups)
+    per_image = torch.cat([torch.arange(n) for n in num_boxes])
+    map_known = torch.cat([per_image + single_pad * i for i in range(groups)])
+    labels = torch.cat([t["labels"] for t in targets]).repeat(groups)
+
+    content = torch.zeros(b, pad_size, label_enc.shape[1])
+    content[known_bid, map_known] = label_enc[labels]
+
+    tgt_mask = torch.zeros(pad_size + num_queries, pad_size + num_queries, dtype=torch.bool)
+    tgt_mask[pad_size:, :pad_size] = True
+    for i in range(groups):
+        tgt_mask[single_pad * i:single_pad * (i + 1), single_pad * (i + 1):pad_size] = True
+        tgt_mask[single_pad * i:single_pad * (i + 1), :single_pad * i] = True
+
+    cross = []
+    for layer in range(num_layers):
+        size = sizes[layer % 3]
+        padding_mask = torch.ones(b, pad_size, size[0] * size[1], dtype=torch.bool)
+        masks = torch.cat([F.interpolate(t["masks"].float()[:, None], size=size, mode="area").flatten(1) <= 1e-8
+                           for t in targets if len(t["masks"])]).repeat(groups, 1)
+        padding_mask[known_bid, map_known] = masks
+        padding_mask[padding_mask.all(-1)] = False
+        cross.append(padding_mask)
+
+    ce_targets = torch.full((b, pad_size), label_enc.shape[0], dtype=torch.int64)
+    ce_targets[known_bid, map_known] = labels
+    return {"content": content, "self_blocked": tgt_mask, "cross_blocked": cross, "ce_targets": ce_targets}
+
+
+def test_decoder_matches_the_released_pilot_rules():
+    """For a fixed batch (one image without segments), the pilot queries the model feeds its decoder layers
+    (content, self-attention mask, every layer's cross-attention mask) and its pilot class loss equal an
+    independent restatement of the released code's rules, after moving its pilot slots behind the matching
+    queries."""
+    from mpformer_ray.config import load_config
+    from mpformer_ray.model import build_model
+
+    torch.manual_seed(0)
+    g = 2
+    cfg = load_config("tiny", ["model.train_num_points=64", f"model.pilot.groups={g}", "model.pilot.mask_noise=point",
+                               "model.pilot.noise_ratio=0.0", "model.pilot.label_noise=0.0", "model.pilot.layers=all"])
+    model = build_model(cfg).train()
+    targets = random_targets([2, 0, 3], seed=4, num_classes=cfg.model.num_classes)
+    images = torch.randn(3, 3, H, W, generator=torch.Generator().manual_seed(5))
+    q, heads, layers = cfg.model.num_queries, cfg.model.nheads, cfg.model.dec_layers
+    seen: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(model.predictor.cross_attention_layers):
+        layer.register_forward_pre_hook(lambda mod, args, i=i: seen.update({f"tgt{i}": args[0], f"cross{i}": args[2]}))
+    for i, layer in enumerate(model.predictor.self_attention_layers):
+        layer.register_forward_pre_hook(lambda mod, args, i=i: seen.__setitem__(f"self{i}", args[1]))
+    with torch.no_grad():
+        out = model.forward_raw(images, targets)
+        losses = model.criterion(out, targets)
+        ref = released_reference(targets, q, g, SIZES, layers, model.pilot.label_embed.weight)
+
+    pad_size = ref["content"].shape[1]
+    # our index k -> the released index: matching queries come after its pad_size pilot slots
+    order = torch.cat((torch.arange(q) + pad_size, torch.arange(pad_size)))
+    torch.testing.assert_close(seen["tgt0"][:, q:], ref["content"], rtol=0, atol=0)
+    for i in range(layers):
+        self_blocked = torch.isinf(seen[f"self{i}"]).view(3, heads, q + pad_size, q + pad_size)
+        assert torch.equal(self_blocked, ref["self_blocked"][order][:, order].expand(3, heads, -1, -1)), i
+        cross_blocked = seen[f"cross{i}"].view(3, heads, q + pad_size, -1)[:, :, q:]
+        assert torch.equal(cross_blocked, ref["cross_blocked"][i][:, None].expand(-1, heads, -1, -1)), i
+    for suffix, logits in zip([f"_{i}" for i in range(layers)] + [""],
+                              [a["pred_logits"] for a in out["pilot"]["aux_outputs"]] + [out["pilot"]["pred_logits"]]):
+        want = F.cross_entropy(logits.transpose(1, 2), ref["ce_targets"], model.criterion.empty_weight)
+        torch.testing.assert_close(losses[f"loss_ce_pilot{suffix}"], want * cfg.model.class_weight)

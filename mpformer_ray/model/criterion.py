@@ -5,9 +5,11 @@ cross-entropy over all queries (unmatched ones -> "no object", down-weighted by 
 sigmoid BCE + dice on importance-sampled points of the matched masks, divided by the number of
 ground-truth segments in the whole (distributed) batch.
 
-Pilot queries: every real pilot slot is supervised against its own source segment, no matching, with the
-same losses (cross-entropy on the true label only when ``class_loss``), divided by the number of real
-pilot queries in the whole batch.
+Pilot queries, as the released criterion (``dn_out`` branch): no matching. BCE + dice supervise every real
+pilot slot against its own source segment, divided by the number of real pilot slots in the whole
+(distributed) batch (ground-truth segments x G). The cross-entropy (only when ``class_loss``) runs over
+every pilot slot: real slots on their segment's true (un-noised) label, padding slots on "no object", the
+weighted mean with ``no_object_weight``, like the matching queries' cross-entropy.
 
 Every loss comes back already multiplied by its weight (class / mask / dice), computed in float32.
 The decoder's full mask logits carry no gradient; the supervised masks are recomputed here from their
@@ -134,10 +136,9 @@ class SetCriterion(nn.Module):
                 num_pilots = global_count(len(batch_idx), device)
                 groups += [(f"_pilot{s}", num_pilots) for s in suffixes]
                 if self.pilot_class_loss:
-                    class_losses.append(self.pilot_class_losses(logits, pilot["labels"], batch_idx, slot_idx,
-                                                                num_queries))
+                    class_losses.append(self.pilot_class_losses(logits, pilot["labels"], pilot["valid"], num_queries))
                     class_names += [f"loss_ce_pilot{s}" for s in suffixes]
-                    class_scales += [self.weights["ce"] / num_pilots] * num_preds
+                    class_scales += [self.weights["ce"]] * num_preds
                 for i in range(len(targets)):
                     slots = slot_idx[batch_idx == i]
                     supervised[i] += [np.stack(np.broadcast_arrays(p, num_queries + slots, target_index[i, slots],
@@ -168,16 +169,17 @@ class SetCriterion(nn.Module):
         nll = F.cross_entropy(logits.flatten(0, 2), classes.flatten(), self.empty_weight, reduction="none")
         return nll.view(num_preds, -1).sum(1) / self.empty_weight[classes].view(num_preds, -1).sum(1)
 
-    def pilot_class_losses(self, logits: Tensor, labels: Tensor, batch_idx: np.ndarray, slot_idx: np.ndarray,
-                           num_queries: int) -> Tensor:
-        """Cross-entropy of every real pilot slot (image ``batch_idx[n]``, slot ``slot_idx[n]``) on its true
-        label, summed over slots: logits [L, B, Q + P, K+1] (pilot slots after the Q matching queries),
-        labels [B, P] -> [L]."""
-        where = to_device(np.stack((batch_idx, slot_idx)), logits.device)
-        picked = logits[:, where[0], where[1] + num_queries]  # [L, N, K+1]
-        picked_labels = labels[where[0], where[1]].repeat(logits.shape[0])
-        nll = F.cross_entropy(picked.flatten(0, 1), picked_labels, reduction="none")
-        return nll.view(logits.shape[0], -1).sum(1)
+    def pilot_class_losses(self, logits: Tensor, labels: Tensor, valid: Tensor, num_queries: int) -> Tensor:
+        """Cross-entropy of every pilot slot, real ones on their true label, padding on "no object"; the
+        weighted mean over the batch's slots: logits [L, B, Q + P, K+1] (pilot slots after the Q matching
+        queries), labels / valid [B, P] -> unweighted losses [L] (zero when the batch has no slot)."""
+        pilot_logits = logits[:, :, num_queries:]
+        num_preds = logits.shape[0]
+        if pilot_logits.shape[2] == 0:
+            return logits.new_zeros(num_preds)
+        classes = torch.where(valid, labels, self.num_classes).expand(num_preds, -1, -1)
+        nll = F.cross_entropy(pilot_logits.flatten(0, 2), classes.flatten(), self.empty_weight, reduction="none")
+        return nll.view(num_preds, -1).sum(1) / self.empty_weight[classes].view(num_preds, -1).sum(1)
 
     def mask_losses(self, mask_features: Tensor, embeds: Tensor, supervised: list[np.ndarray],
                     targets: list[dict[str, Tensor]], num_groups: int) -> tuple[Tensor, Tensor]:

@@ -15,8 +15,9 @@ noised by ``mask_noise``:
 Shift and scale are drawn once per forward at the input resolution. Every group draws its own noise.
 
 Batch layout of the decoder's queries: ``[matching Q | group 0 (n_max slots) | group 1 | ...]`` where
-n_max is the batch's largest segment count; slots past an image's own count are padding. Padding slots
-carry zero content, see only themselves and are seen by nobody, and produce no loss.
+n_max is the batch's largest segment count; slots past an image's own count are padding. As in the released
+code, padding slots carry zero content, attend everywhere in cross-attention, take part in their group's
+self-attention like real slots, and are trained towards "no object" by the pilot class loss (no mask loss).
 """
 
 from __future__ import annotations
@@ -93,6 +94,19 @@ def affine_noise(masks: Tensor, kind: NoiseKind, ratio: float) -> Tensor:
     grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
     moved = F.grid_sample(masks[:, None].to(torch.float32), grid, mode="nearest", align_corners=False)
     return moved[:, 0] > 0.5
+
+
+def self_attention_mask(batch: int, num_queries: int, groups: int, n_max: int, device: torch.device | str
+                        ) -> Tensor:
+    """bool [B, Q + P, Q + P], True = blocked, P = groups * n_max: matching queries see no pilot slot; a pilot
+    slot sees the matching queries and every slot of its own group, padding included (the released
+    ``tgt_mask``, which ignores padding), and no other group."""
+    t = num_queries + groups * n_max
+    blocked = torch.zeros(t, t, dtype=torch.bool, device=device)
+    blocked[:num_queries, num_queries:] = True
+    group = torch.arange(groups * n_max, device=device) // max(n_max, 1)
+    blocked[num_queries:, num_queries:] = group[:, None] != group[None, :]
+    return blocked.expand(batch, t, t)
 
 
 @dataclass
@@ -203,27 +217,10 @@ class PilotQueries(nn.Module):
             labels=labels,
             target_index=target_index,
             valid=valid,
-            self_attn_mask=self.self_attention_mask(valid, num_queries, n_max),
+            self_attn_mask=self_attention_mask(b, num_queries, g, n_max, device),
             masks=masks,
             groups=g,
             piloted_layers=self.piloted_layers,
             mask_noise=self.mask_noise,
             noise_ratio=self.noise_ratio,
         )
-
-    def self_attention_mask(self, valid: Tensor, num_queries: int, n_max: int) -> Tensor:
-        """bool [B, Q + P, Q + P], True = blocked: matching queries see no pilot query, a pilot group sees
-        itself and the matching queries (as in DN-DETR), padding slots see only themselves."""
-        b, p = valid.shape
-        t = num_queries + p
-        blocked = torch.zeros(b, t, t, dtype=torch.bool, device=valid.device)
-        blocked[:, :num_queries, num_queries:] = True
-        if p:
-            group = torch.arange(p, device=valid.device) // n_max
-            blocked[:, num_queries:, num_queries:] = group[:, None] != group[None, :]
-        padding = torch.cat((valid.new_zeros(b, num_queries), ~valid), dim=1)
-        blocked |= padding[:, None, :] | padding[:, :, None]
-        # a view's fill, not an indexed write of a Python scalar: that copies the scalar to the device and
-        # makes the host wait for the GPU (measured on an H100: the pilot's only wait in the forward pass)
-        blocked.diagonal(dim1=1, dim2=2).fill_(False)
-        return blocked
