@@ -1,15 +1,12 @@
 """Resuming safely from what is really in a run directory: a lost or damaged latest.json, damaged
 checkpoints, checkpoints that do not fit the config, NaN metrics, what a failed preflight leaves
-behind, and Ctrl-C during jobs/train.py. Real checkpoints written by the training loop, real files."""
+behind. Real checkpoints written by the training loop, real files. (Ctrl-C and damage during a
+real jobs/train.py run: tests/test_train_e2e.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,6 @@ from mpformer_ray import storage
 from mpformer_ray.train import CheckpointStore, PreflightError, load_checkpoint, preflight
 from mpformer_ray.train.checkpoint import CheckpointError
 from test_eval_predict import _job_main
-from test_train_e2e import kill_session, local_data, run_job, train_argv  # noqa: F401 (local_data: a fixture)
 from test_train_loop import records, run_loop, tiny_cfg  # noqa: F401 (records: a fixture)
 
 RUN_SETTINGS = ["train.max_iters=4", "train.checkpoint_period=2", "train.log_period=2", "train.keep_checkpoints=5"]
@@ -177,42 +173,3 @@ def test_load_checkpoint_names_a_damaged_file(run):
     torch.save([1, 2], ckpt_path(run, 4))
     with pytest.raises(CheckpointError, match=rf"{ckpt_path(run, 4)}.*not a training checkpoint"):
         load_checkpoint(str(ckpt_path(run, 4)))
-
-
-@pytest.mark.slow
-def test_ctrl_c_names_latest_checkpoint_and_rerun_resumes_past_damage(local_data, tmp_path):
-    """Ctrl-C (SIGINT to the job's process group, as a terminal sends it) says where the latest
-    checkpoint is and exits 130; after losing latest.json and the newest checkpoint, the same
-    command resumes from the newest intact one, on every worker."""
-    cmd = train_argv(f"data.train={local_data['train']}", f"data.val={local_data['val']}",
-                     f"storage.uri={tmp_path / 'runs'}", "run.name=ctrlc", "train.max_iters=20",
-                     "train.checkpoint_period=5")
-    store = CheckpointStore(str(tmp_path / "runs" / "ctrlc"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
-    with open(tmp_path / "job.log", "w+") as log:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            deadline = time.time() + 300
-            while (store.pointer() or {}).get("iteration", 0) < 10:
-                assert proc.poll() is None, "training ended before its second checkpoint"
-                assert time.time() < deadline, "no second checkpoint within 300 s"
-                time.sleep(0.5)
-            os.killpg(proc.pid, signal.SIGINT)
-            assert proc.wait(timeout=120) == 130
-        finally:
-            kill_session(proc)
-        log.seek(0)
-        out = log.read()
-    latest = store.latest()
-    assert f"interrupted; latest checkpoint: {latest}; rerun the same command to resume" in out, out[-3000:]
-
-    names = [n for n in storage.listdir(store.dir) if n.endswith(".pth")]
-    newest, intact = (storage.join(store.dir, n) for n in names[::-1][:2])
-    intact_iteration = load_checkpoint(intact)["iteration"]
-    (Path(store.dir) / "latest.json").unlink()
-    truncate(Path(newest))
-    out = run_job(cmd, timeout=480, cwd=tmp_path)
-    assert newest in out and intact in out
-    final = load_checkpoint(store.latest())
-    assert final["iteration"] == 20 and final["starts"] == [0, intact_iteration]

@@ -1,5 +1,6 @@
 """jobs/train.py end to end on a real local Ray (2 workers at 0.5 CPU) with data and checkpoints
-on the moto S3 server: checkpoints land in S3, a killed driver resumes, a killed worker recovers."""
+on the moto S3 server: checkpoints land in S3; a killed driver, Ctrl-C, lost and damaged checkpoints
+and a killed worker each lose nothing; relative local paths mean the launch directory."""
 
 from __future__ import annotations
 
@@ -86,55 +87,80 @@ def kill_session(proc: subprocess.Popen) -> None:
         time.sleep(1)
 
 
-def test_worker_failure_recovers_from_latest_checkpoint(s3_data):
-    run = f"{s3_data['storage']}/fault"
-    out = run_job(train_command(s3_data, "fault", "train.max_iters=30", "train.fail_at_iter=15",
-                                "train.max_failures=2"), timeout=480)
-    assert storage.exists(fault_marker(run, 15)), "the injected fault never fired"
+def wait_for_checkpoint(proc: subprocess.Popen, store: CheckpointStore, iteration: int) -> int:
+    """Block until ``store``'s pointer reaches ``iteration``; returns the pointer's iteration."""
+    deadline = time.time() + 300
+    while (at := (store.pointer() or {}).get("iteration", -1)) < iteration:
+        assert proc.poll() is None, f"training ended before the checkpoint at iteration {iteration}"
+        assert time.time() < deadline, f"no checkpoint at iteration {iteration} within 300 s"
+        time.sleep(0.5)
+    return at
+
+
+def test_killed_interrupted_and_failing_run_loses_nothing(s3_data, tmp_path):
+    """One run on S3 through everything that stops training, each attempt resuming the last:
+    the driver is SIGKILLed; the rerun is stopped with Ctrl-C (SIGINT to the job's process group,
+    as a terminal sends it), which says where the latest checkpoint is and exits 130; latest.json
+    and the newest checkpoint are then lost, and the same command resumes from the newest intact
+    one, where a worker dies and Ray Train restarts every worker from the job's latest checkpoint.
+    Finally the evaluation job reproduces the run's final (2-rank) evaluation."""
+    run = f"{s3_data['storage']}/survivor"
+    store = CheckpointStore(run)
+    cmd = train_command(s3_data, "survivor", "train.max_iters=40", "train.checkpoint_period=5",
+                        "train.fail_at_iter=33", "train.max_failures=2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        killed_at = wait_for_checkpoint(proc, store, 5)
+    finally:
+        kill_session(proc)
+    assert store.pointer()["iteration"] == killed_at < 20
+
+    with open(tmp_path / "ctrl_c.log", "w+") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            wait_for_checkpoint(proc, store, killed_at + 10)
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(timeout=120) == 130
+        finally:
+            kill_session(proc)
+        log.seek(0)
+        out = log.read()
+    latest = store.latest()
+    assert f"interrupted; latest checkpoint: {latest}; rerun the same command to resume" in out, out[-3000:]
+    assert load_checkpoint(latest)["starts"] == [0, killed_at]
+
+    names = [n for n in storage.listdir(store.dir) if n.endswith(".pth")]
+    newest, intact = (storage.join(store.dir, n) for n in names[::-1][:2])
+    intact_at = load_checkpoint(intact)["iteration"]
+    assert intact_at < 33, "the Ctrl-C came too late for the fault to fire after it"
+    storage.delete(storage.join(store.dir, "latest.json"))
+    storage.write_bytes(newest, storage.read_bytes(newest)[:1000])
+    out = run_job(cmd, timeout=480)
+    assert newest in out and intact in out  # the damaged file is named, and where it went instead
+    assert storage.exists(fault_marker(run, 33)), "the injected fault never fired"
     ckpt = load_checkpoint(latest_checkpoint(run))
-    # the restarted attempt began at the last checkpoint before the fault: nothing beyond it lost
-    assert ckpt["iteration"] == 30 and ckpt["starts"] == [0, 10]
-    names = [n for n in storage.listdir(CheckpointStore(run).dir) if n.endswith(".pth")]
-    assert names == ["model_0000020.pth", "model_0000030.pth"]
+    # every attempt began at the checkpoint the previous one left: the restarted workers at 30
+    assert ckpt["iteration"] == 40 and ckpt["starts"] == [0, killed_at, intact_at, 30]
+    names = [n for n in storage.listdir(store.dir) if n.endswith(".pth")]
+    assert names == ["model_0000035.pth", "model_0000040.pth"]
     # metrics reached the driver through ray.train.report
     table = out[out.index("final metrics"):]
     assert "loss" in table and "iteration" in table and run in out
 
-    # the evaluation job on the final checkpoint reproduces the run's final (2-rank) evaluation
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), "--checkpoint", run, "--device", "cpu"],
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evaluated = json.loads(proc.stdout)
     final = ckpt["metrics"]
-    keys = ["panoptic/PQ", "segm/AP", "sem_seg/mIoU", "consistency/mean", "num_images"]
     assert evaluated["num_images"] == 4
-    for key in keys:
+    for key in ["panoptic/PQ", "segm/AP", "sem_seg/mIoU", "consistency/mean", "num_images"]:
         want, got = final[key], evaluated[key]
         assert (got is None and math.isnan(want)) or math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-4), key
-
-
-def test_killed_driver_resumes_from_latest_checkpoint(s3_data):
-    run = f"{s3_data['storage']}/resume"
-    store = CheckpointStore(run)
-    cmd = train_command(s3_data, "resume", "train.max_iters=30")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while store.pointer() is None:
-            assert proc.poll() is None, "training ended before its first checkpoint"
-            assert time.time() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.5)
-    finally:
-        kill_session(proc)
-    killed_at = store.pointer()["iteration"]
-    assert killed_at < 30
-
-    run_job(cmd, timeout=480)
-    ckpt = load_checkpoint(latest_checkpoint(run))
-    assert ckpt["iteration"] == 30 and ckpt["starts"] == [0, killed_at]
 
 
 def test_relative_local_paths_mean_the_launch_directory(local_data, tmp_path):
