@@ -59,6 +59,12 @@ class ModelConfig:
     backbone: Literal["resnet18", "resnet50", "resnet101", "swin_t", "swin_s", "swin_b"] = "resnet50"
     pretrained: str | None = None  # local path or s3:// URI of a torchvision state dict
     backbone_norm: Literal["frozen", "group"] = "frozen"  # "group" trains from scratch
+    # detectron2's MSRA-style ResNets stride in the bottleneck's 1x1 conv; torchvision's (and Mask2Former's) in the 3x3
+    resnet_stride_in_1x1: bool = False
+    swin_window: int = 7  # Swin attention window; Mask2Former's Swin-B/L IN-21k 384 checkpoints use 12
+    # local path or s3:// URI of a project checkpoint (e.g. from jobs/convert_checkpoint.py) whose model weights
+    # a new run starts from; resuming a run (same run.name) takes its own checkpoint instead
+    weights: str | None = None
     num_classes: int = 133
     thing_classes: list[int] | None = None  # contiguous ids of "thing" classes; None = all
     num_queries: int = 100
@@ -142,8 +148,8 @@ class TrainConfig:
 class StorageConfig:
     uri: str = "./runs"  # local directory or s3://bucket/prefix
     endpoint_url: str | None = None  # else AWS_ENDPOINT_URL, else AWS's default
-    # local paths (storage.uri, data.*, model.pretrained) are refused on a multi-node cluster, where each
-    # node has its own disk; true says they are on storage every node mounts (NFS, one machine's fake nodes)
+    # local paths (storage.uri, data.*, model.pretrained, model.weights) are refused on a multi-node cluster, where
+    # each node has its own disk; true says they are on storage every node mounts (NFS, one machine's fake nodes)
     shared_local_paths: bool = False
 
 
@@ -363,6 +369,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"model.hidden_dim ({m.hidden_dim}) must be divisible by model.nheads ({m.nheads})")
     if m.dec_layers < 1:
         problems.append("model.dec_layers must be >= 1")
+    if m.swin_window < 1:
+        problems.append(f"model.swin_window must be >= 1; got {m.swin_window}")
     if m.thing_classes is not None and any(not 0 <= c < m.num_classes for c in m.thing_classes):
         problems.append(f"model.thing_classes must lie in [0, {m.num_classes}); got {m.thing_classes}")
     if p.groups < 1:

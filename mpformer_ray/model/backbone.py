@@ -23,8 +23,10 @@ from mpformer_ray.config import ModelConfig
 
 _RESNETS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50,
             "resnet101": torchvision.models.resnet101}
-_SWINS = {"swin_t": torchvision.models.swin_t, "swin_s": torchvision.models.swin_s,
-          "swin_b": torchvision.models.swin_b}
+# (embed_dim, depths, num_heads, stochastic depth) of torchvision's swin_t / swin_s / swin_b, built here so that
+# the window size can differ from their 7
+_SWINS = {"swin_t": (96, [2, 2, 6, 2], [3, 6, 12, 24], 0.2), "swin_s": (96, [2, 2, 18, 2], [3, 6, 12, 24], 0.3),
+          "swin_b": (128, [2, 2, 18, 2], [4, 8, 16, 32], 0.5)}
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -51,10 +53,16 @@ def group_norm(channels: int, max_groups: int = 32) -> GroupNorm32:
 class ResNetBackbone(nn.Module):
     """A torchvision ResNet without avgpool / fc; attribute names match torchvision's state dict."""
 
-    def __init__(self, name: str, norm: str):
+    def __init__(self, name: str, norm: str, stride_in_1x1: bool = False):
         super().__init__()
         norm_layer: Callable[[int], nn.Module] = FrozenBatchNorm2d if norm == "frozen" else group_norm
         net = _RESNETS[name](weights=None, norm_layer=norm_layer)
+        if stride_in_1x1:
+            for layer in (net.layer2, net.layer3, net.layer4):
+                block = layer[0]
+                if not hasattr(block, "conv3"):
+                    raise ValueError(f"model.resnet_stride_in_1x1=true needs a bottleneck ResNet; {name} has none")
+                block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         widths = [self._width(layer) for layer in (self.layer1, self.layer2, self.layer3, self.layer4)]
@@ -89,11 +97,19 @@ class SwinBackbone(nn.Module):
 
     As in Mask2Former's Swin, every output stage gets its own fresh LayerNorm (``out_norms``); the
     classification model's final ``norm`` and ``head`` are not part of this module.
+
+    One difference from Mask2Former's (detection) Swin remains: where a stage's feature map is no larger than
+    the window on a side (below 224 pixels of input for the last stage at window 7), torchvision does not shift
+    windows along that side, Mask2Former's Swin still does (and Hugging Face's shrinks the window instead).
+    Inputs of at least 32 x (window + 1) pixels a side compute the same in all three.
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, window: int = 7):
         super().__init__()
-        net = _SWINS[name](weights=None)
+        embed_dim, depths, num_heads, drop_path = _SWINS[name]
+        net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=embed_dim, depths=depths,
+                                                 num_heads=num_heads, window_size=[window, window],
+                                                 stochastic_depth_prob=drop_path)
         self.features = net.features  # [patch embed, stage1, merge, stage2, merge, stage3, merge, stage4]
         widths = [self.features[i][-1].norm1.normalized_shape[0] for i in (1, 3, 5, 7)]
         self.out_norms = nn.ModuleList(nn.LayerNorm(c) for c in widths)
@@ -145,9 +161,10 @@ def build_backbone(cfg: ModelConfig) -> ResNetBackbone | SwinBackbone:
         if cfg.pretrained and cfg.backbone_norm != "frozen":
             raise ValueError(f"model.pretrained={cfg.pretrained} holds BatchNorm statistics; set "
                              "model.backbone_norm=frozen to load it (group norm is for training from scratch)")
-        backbone: ResNetBackbone | SwinBackbone = ResNetBackbone(cfg.backbone, cfg.backbone_norm)
+        backbone: ResNetBackbone | SwinBackbone = ResNetBackbone(cfg.backbone, cfg.backbone_norm,
+                                                                 cfg.resnet_stride_in_1x1)
     elif cfg.backbone in _SWINS:
-        backbone = SwinBackbone(cfg.backbone)
+        backbone = SwinBackbone(cfg.backbone, cfg.swin_window)
     else:
         raise ValueError(f"model.backbone={cfg.backbone!r} is not one of {[*_RESNETS, *_SWINS]}")
     if cfg.pretrained:

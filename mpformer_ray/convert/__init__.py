@@ -1,0 +1,130 @@
+"""Convert released Mask2Former / MP-Former weights into this project's checkpoint format.
+
+``convert(kind, src, cfg)`` reads a Hugging Face ``save_pretrained`` directory (``kind="hf"``, see ``hf.py``)
+or a detectron2-format ``.pkl`` / ``.pth`` (``kind="detectron2"``, see ``detectron2.py``) from a local path or
+s3:// URI, takes the architecture from the source where it says it (classes, queries, layers, widths, the
+backbone) and the rest from ``cfg``, renames every tensor to ours and returns a checkpoint dict as training
+writes it (``model``, ``iteration`` 0, ``config``, ``classes``), loadable with ``torch.load(weights_only=True)``
+by ``jobs/evaluate.py`` / ``jobs/predict.py``, and as ``model.weights`` (initial weights) by training.
+
+Every source tensor is used or listed in ``converted_from["skipped"]`` with the reason; our tensors no source
+tensor fills are listed in ``converted_from["initialised"]``: the pilot's label embedding when the source has
+none (initialised as a new training run initialises it), MP-Former's missing query positional embedding
+(zeros: the same computation as none), index buffers and the loss weight the config sets.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from mpformer_ray import storage
+from mpformer_ray.config import Config, ConfigError, apply_overrides
+from mpformer_ray.convert import detectron2, hf
+from mpformer_ray.convert.mapping import ConvertError, apply_rules, check_against
+
+__all__ = ["Conversion", "ConvertError", "convert", "save"]
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["hf", "detectron2"]
+
+
+@dataclass
+class Conversion:
+    """A converted checkpoint and what the conversion did."""
+
+    checkpoint: dict[str, Any]
+    derived: list[str]  # "model.X: value (config had Y)" for each field taken from the source
+    skipped: dict[str, str]  # source tensor -> why it is not used
+    initialised: dict[str, str]  # our tensor -> how it was filled without a source tensor
+    seconds: float
+
+
+def _derive(cfg: Config, fields: dict[str, Any], label: str) -> tuple[Config, list[str]]:
+    """``cfg`` with the ``model.*`` ``fields`` the source states; the changed ones described."""
+    model = cfg.model
+    changed = [f"model.{k}: {v!r} (config had {getattr(model, k)!r})" for k, v in fields.items()
+               if getattr(model, k) != v]
+    overrides = {f"model.{k}": v for k, v in fields.items()}
+    if fields["num_classes"] != model.num_classes and model.thing_classes is not None:
+        # the config's thing ids are another dataset's; which of the source's classes are things it cannot say
+        overrides["model.thing_classes"] = None
+        changed.append(f"model.thing_classes: None (config had {model.thing_classes} for "
+                       f"{model.num_classes} classes; set the source's with --set model.thing_classes=[...])")
+    try:
+        return apply_overrides(cfg, overrides), changed
+    except ConfigError as e:
+        raise ConvertError(f"{label}: the architecture it states does not fit the config: {e}") from None
+
+
+def convert(kind: Kind, src: str, cfg: Config, endpoint_url: str | None = None, seed: int = 0) -> Conversion:
+    """Convert the checkpoint at ``src`` (module docstring); ``cfg`` gives what the source does not state.
+    ConvertError naming the file, the tensor or field, and the fix."""
+    start = time.perf_counter()
+    if kind == "hf":
+        config_json, source = hf.read(src, endpoint_url)
+        label = f"{src} (Hugging Face)"
+        fields, rules, names = hf.architecture(config_json, label), hf.RULES, hf.class_names(config_json)
+    elif kind == "detectron2":
+        source = detectron2.read(src, endpoint_url)
+        label = f"{src} (detectron2)"
+        fields, rules, names = detectron2.architecture(source, label), detectron2.RULES, None
+    else:
+        raise ConvertError(f"--from {kind!r}: choose hf or detectron2")
+    cfg, derived = _derive(cfg, fields, label)
+    for line in derived:
+        log.info("%s: %s", label, line)
+
+    from mpformer_ray.model import build_model  # the model code is needed only here
+
+    torch.manual_seed(seed)  # what the source does not hold is initialised reproducibly
+    model = build_model(cfg)
+    expected = model.state_dict()
+    mapped = apply_rules(source, rules, label)
+    initialised = {k: "rebuilt by the model (a function of the window size)"
+                   for k in expected if k.endswith("relative_position_index")}
+    initialised["criterion.empty_weight"] = f"from model.no_object_weight={cfg.model.no_object_weight}"
+    pilot_key = "pilot.label_embed.weight"
+    if pilot_key in mapped.state and pilot_key not in expected:
+        for name in mapped.sources.pop(pilot_key):
+            mapped.skipped[name] = "the pilot's label embedding, and the config has model.pilot.enabled=false"
+        del mapped.state[pilot_key]
+    elif pilot_key in expected and pilot_key not in mapped.state:
+        initialised[pilot_key] = "no pilot label embedding in the source: initialised as a new training run does"
+    query_pos = "predictor.query_embed.weight"
+    if query_pos not in mapped.state:
+        # MP-Former's released decoder has no query positional embedding; zeros compute exactly that
+        mapped.state[query_pos] = torch.zeros_like(expected[query_pos])
+        mapped.sources[query_pos] = ["(none)"]
+        initialised[query_pos] = "zeros: the source's decoder has no query positional embedding (MP-Former)"
+    check_against(mapped, expected, label, initialised)
+    state = {k: mapped.state[k].to(v.dtype).contiguous().clone() if k in mapped.state else v
+             for k, v in expected.items()}
+    model.load_state_dict(state)  # strict: proves the checkpoint loads as training and inference load it
+
+    things = set(range(cfg.model.num_classes) if cfg.model.thing_classes is None else cfg.model.thing_classes)
+    names = names or [f"class_{i}" for i in range(cfg.model.num_classes)]
+    classes = [{"id": i, "name": n, "isthing": i in things} for i, n in enumerate(names)]
+    skipped = dict(sorted(mapped.skipped.items()))
+    checkpoint = {
+        "model": state, "iteration": 0, "config": cfg.to_dict(), "classes": classes, "best": None, "starts": [],
+        "metrics": {}, "converted_from": {"format": kind, "source": src, "skipped": skipped,
+                                          "initialised": dict(sorted(initialised.items()))},
+    }
+    return Conversion(checkpoint, derived, skipped, initialised, time.perf_counter() - start)
+
+
+def save(conversion: Conversion, out: str, endpoint_url: str | None = None) -> int:
+    """Write the converted checkpoint to ``out`` (a ``.pth`` path or s3:// URI); returns its size in bytes."""
+    if not out.endswith(".pth"):
+        raise ConvertError(f"--out {out}: name a .pth file (evaluate / predict / model.weights take one)")
+    buffer = io.BytesIO()
+    torch.save(conversion.checkpoint, buffer)
+    storage.write_bytes(out, buffer.getvalue(), endpoint_url)
+    return buffer.getbuffer().nbytes

@@ -1,0 +1,65 @@
+"""Hugging Face Mask2Former models in the released shapes with seeded random weights: the reference that the
+conversion tests and ``benchmarks/convert_checkpoint.py`` compare our model with. Needs ``transformers``
+(``pip install .[convert]``); builds everything from configs, downloads nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+# transformers' backbone configs of the backbones Mask2Former's released checkpoints use
+BACKBONES = {
+    "resnet50": ("resnet", {"depths": [3, 4, 6, 3], "hidden_sizes": [256, 512, 1024, 2048],
+                            "layer_type": "bottleneck", "embedding_size": 64}),
+    "swin_t": ("swin", {"embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24]}),
+    "swin_s": ("swin", {"embed_dim": 96, "depths": [2, 2, 18, 2], "num_heads": [3, 6, 12, 24]}),
+    "swin_b": ("swin", {"embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32]}),
+}
+STAGES = ["stage1", "stage2", "stage3", "stage4"]
+
+
+def hf_model(backbone: str = "resnet50", num_classes: int = 133, num_queries: int = 100, dec_layers: int = 9,
+             enc_layers: int = 6, window: int = 7, seed: int = 0) -> nn.Module:
+    """A ``Mask2FormerForUniversalSegmentation`` in eval mode (r50 shape by default: 6 encoder layers,
+    ``dec_layers`` decoder layers, i.e. HF's ``decoder_layers = dec_layers + 1``) with random weights
+    (``randomise``)."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig, SwinConfig
+
+    kind, spec = BACKBONES[backbone]
+    if kind == "resnet":
+        bb = ResNetConfig(**spec, out_features=STAGES)
+    else:
+        bb = SwinConfig(**spec, window_size=window, out_features=STAGES)
+    config = Mask2FormerConfig(backbone_config=bb, num_labels=num_classes, num_queries=num_queries,
+                               decoder_layers=dec_layers + 1, encoder_layers=enc_layers)
+    torch.manual_seed(seed)
+    model = Mask2FormerForUniversalSegmentation(config)
+    randomise(model, seed)
+    return model.eval()
+
+
+@torch.no_grad()
+def randomise(model: nn.Module, seed: int) -> None:
+    """Perturb every weight (HF initialises many to zeros / ones, which would hide a mapping that swaps or
+    drops them) and give every BatchNorm random statistics, keeping activations of order one."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def noise(t: Tensor, scale: float) -> Tensor:
+        return torch.randn(t.shape, generator=gen) * scale
+
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.copy_(noise(module.running_mean, 0.1))
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
+    for name, p in model.named_parameters():
+        p.add_(noise(p, 0.02))
+        if name.endswith("weight") and p.dim() == 1:  # norms' scales around one
+            p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+
+
+def semantic_scores(class_logits: Tensor, mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """Mask2Former's semantic inference from HF outputs: class_logits [B, Q, K+1], mask_logits [B, Q, h, w] ->
+    [B, K, H, W] = sum over queries of softmax(classes)[:K] x sigmoid(masks upsampled bilinearly to ``size``)."""
+    masks = torch.nn.functional.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
+    return torch.einsum("bqk,bqhw->bkhw", class_logits.softmax(-1)[..., :-1], masks.sigmoid())
