@@ -1,0 +1,108 @@
+"""benchmarks/pilot_study.py builds its report from a sweep's files: sweep.json and trials.csv as the sweep job
+writes them, and each trial's result.json as Tune logs the evaluations (one JSON object a line)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from ray.tune import Result
+from scipy import stats
+
+from mpformer_ray.config import load_config
+from mpformer_ray.tune import report
+from mpformer_ray.tune.space import load_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import pilot_study
+
+MAX_ITERS = 40
+# final PQ / AP / mIoU per (pilot, seed); at 25 % every value is 10 lower, at 50 % 5 lower
+FINAL = {(False, 0): (10.0, 20.0, 30.0), (False, 1): (12.0, 21.0, 31.0), (False, 2): (14.0, 22.0, 32.0),
+         (True, 0): (13.0, 21.0, 33.0), (True, 1): (14.0, 22.5, 33.0), (True, 2): (18.0, 22.0, 36.0)}
+CONSISTENCY = {False: (0.70, 0.80, 0.90), True: (0.80, 0.85, 0.95)}
+
+
+def _evaluation(trial: str, pilot: bool, seed: int, iteration: int, started: float) -> dict:
+    """One line of Tune's result.json for an evaluation report of the training job."""
+    pq, ap, miou = (v - {10: 10, 20: 5, 30: 5, 40: 0}[iteration] for v in FINAL[(pilot, seed)])
+    layers = {f"consistency/layer_{i}_{i + 1}": c + 0.01 * seed for i, c in enumerate(CONSISTENCY[pilot])}
+    wall = 100.0 * iteration / MAX_ITERS + (20.0 if pilot else 0.0)
+    return {"iteration": iteration, "panoptic/PQ": pq, "segm/AP": ap, "sem_seg/mIoU": miou, **layers,
+            "consistency/mean": sum(layers.values()) / 3, "eval_seconds": 5.0, "num_images": 60.0,
+            "timestamp": started + wall, "time_this_iter_s": 25.0, "time_total_s": wall, "training_iteration":
+            iteration // 10, "trial_id": trial, "date": "2026-12-02_12-00-00", "done": False, "pid": 1,
+            "hostname": "h", "node_ip": "127.0.0.1", "time_since_restore": wall, "iterations_since_restore":
+            iteration // 10, "config": {"model.pilot.enabled": pilot, "train.seed": seed}}
+
+
+@pytest.fixture
+def sweep_dir(tmp_path: Path) -> Path:
+    cfg = load_config("tiny-hard", [f"train.max_iters={MAX_ITERS}", "train.eval_period=10",
+                                    "train.eval_max_images=60"])
+    sweep = load_sweep(str(ROOT / "configs" / "sweeps" / "ablation.yaml"), cfg)
+    uri = tmp_path / "pilot-ablation"
+    uri.mkdir()
+    # as sweep._sweep_state writes it
+    state = {"sweep": dataclasses.asdict(sweep) | {"path": os.path.basename(sweep.path)}, "config": cfg.to_dict()}
+    (uri / "sweep.json").write_text(json.dumps(state, indent=1))
+    results = []
+    for n, (pilot, seed) in enumerate(FINAL):
+        trial = f"run_{n:05d}"
+        (uri / trial).mkdir()
+        evals = [_evaluation(trial, pilot, seed, it, 1000.0 * n) for it in (10, 20, 30, 40)]
+        if (pilot, seed) == (True, 1):  # a restarted trial logs the evaluations since its checkpoint again
+            evals.insert(1, {**evals[1], "panoptic/PQ": -1.0})
+        (uri / trial / "result.json").write_text("".join(json.dumps(e) + "\n" for e in evals))
+        results.append(Result(metrics=evals[-1], checkpoint=None, error=None, path=str(uri / trial),
+                              metrics_dataframe=pd.DataFrame(evals)))
+    failed = Result(metrics={"trial_id": "run_00006", "config": {"model.pilot.enabled": True, "train.seed": 3}},
+                    checkpoint=None, error=RuntimeError("worker died"), path=str(uri / "run_00006"),
+                    metrics_dataframe=None)
+    names = [p.name for p in sweep.params]
+    table = report.trials_table(results + [failed], "panoptic/PQ", names, MAX_ITERS)
+    report.write_outputs(str(uri), None, table, None, {})
+    return uri
+
+
+def test_report_numbers(sweep_dir: Path, tmp_path: Path):
+    out = tmp_path / "report"
+    assert pilot_study.main([str(sweep_dir), "--out", str(out)]) == 0
+    text = (out / "pilot_study.md").read_text()
+    assert (out / "pilot_study_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "pilot_study_consistency.png").read_bytes()[:4] == b"\x89PNG"
+
+    # the benchmark, from the sweep's base config
+    assert "variant `hard`: generator seed 0, 1000 training and 100 validation images of 128 x 128 px" in text
+    assert "Left out of the statistics (not completed): run_00006." in text
+    # mean ± sample std over 3 seeds: PQ @25 % (10 below the end), 50 % and 100 %
+    row = next(line for line in text.splitlines() if line.startswith("| pilot off | 3 |"))
+    assert row.split(" | ")[2:5] == ["2.0 ± 2.0", "7.0 ± 2.0", "12.0 ± 2.0"]
+    row = next(line for line in text.splitlines() if line.startswith("| pilot on | 3 |"))
+    assert row.split(" | ")[2:5] == ["5.0 ± 2.6", "10.0 ± 2.6", "15.0 ± 2.6"]
+    # the paired test, against scipy on the same numbers
+    want = stats.ttest_rel([13.0, 14.0, 18.0], [10.0, 12.0, 14.0], alternative="greater")
+    line = next(line for line in text.splitlines() if line.startswith("| pilot on | PQ |"))
+    assert f"+3.00, +2.00, +4.00 | +3.00 | {want.statistic:.2f} | {want.pvalue:.3f} |" in line
+    line = next(line for line in text.splitlines() if line.startswith("| pilot on | AP |"))
+    assert "| +1.00, +1.50, +0.00 | +0.83 |" in line
+    # consistency per layer pair and wall / throughput per arm
+    line = next(line for line in text.splitlines() if line.startswith("| pilot on | 0.8"))
+    assert line.split(" | ")[1:4] == ["0.810 ± 0.010", "0.860 ± 0.010", "0.960 ± 0.010"]
+    line = next(line for line in text.splitlines() if line.startswith("| pilot off | 100 "))
+    # 40 iterations x 2 workers x batch 4 in 100 s minus 4 evaluations of 5 s
+    assert line == f"| pilot off | 100 ± 0 | 20 ± 0 | {320 / 80:.2f} ± 0.00 |"
+    assert "- pilot on: NOT MET: AP +0.83" in text
+    assert not math.isnan(want.pvalue)
+
+
+def test_not_a_sweep(tmp_path: Path, capsys):
+    assert pilot_study.main([str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "sweep.json does not exist" in capsys.readouterr().err
