@@ -1,6 +1,7 @@
 """jobs/tune.py end to end (slow): a 4-trial Optuna + ASHA sweep on a token-authenticated Ray head
 started for the test, with data, trials and sweep state on the moto S3 server. The driver is
-killed mid-sweep (one trial finished, the next one checkpointed) and the same command resumes it.
+killed mid-sweep (one trial finished, the next one checkpointed and running, both as Tune's saved
+experiment state says) and the same command resumes it.
 
 Shown: no finished trial reruns, the interrupted trial resumes from its checkpoint, ASHA stops a
 trial early, every Train worker's CPU returns to the cluster, the trials table / plots /
@@ -40,15 +41,16 @@ TINY = TINY_MODEL + [
     # mIoU separates trials from the first evaluation on; PQ of a 4-iteration model is 0 for all
     "model.test.panoptic_on=false", "model.test.instance_on=false",
 ]
-# lr decides early progress: the first point learns, the second (1e-7) does not, so ASHA's first
-# rung has something to stop; the two Optuna suggestions follow
+# lr decides early progress: the first point learns, the second (1e-7) does not, so ASHA's only rung
+# (12) has something to stop; the two Optuna suggestions follow. The rung sits after two checkpoints
+# (4, 8) so that the killed driver finds the second trial still running with a checkpoint.
 SWEEP = """
 search: optuna
 scheduler: asha
 num_samples: 4
 max_concurrent: 1
 seed: 0
-asha: {grace_period: 8, reduction_factor: 2}
+asha: {grace_period: 12, reduction_factor: 2}
 space:
   train.lr: {loguniform: [1.0e-7, 3.0e-3]}
   model.pilot.groups: {randint: [1, 2]}
@@ -90,27 +92,39 @@ def _trial_pointers(sweep_uri: str) -> dict[str, dict]:
     return pointers
 
 
+def _saved_statuses(sweep_uri: str) -> dict[str, str]:
+    """trial id -> status in Tune's newest saved experiment state (what a resume restores)."""
+    names = sorted(n for n in storage.listdir(sweep_uri) if n.startswith("experiment_state-"))
+    if not names:
+        return {}
+    state = json.loads(storage.read_bytes(storage.join(sweep_uri, names[-1])))
+    return {(trial := json.loads(js))["trial_id"]: trial["status"] for js, _ in state["trial_data"]}
+
+
 def test_sweep_on_s3_survives_a_killed_driver(ray_head, s3_sweep, tmp_path):
     sweep_uri = f"{s3_sweep['storage']}/asha"
     cmd = [sys.executable, str(REPO / "jobs" / "tune.py"), "--space", s3_sweep["space"], "--set", *TINY,
            f"data.train={s3_sweep['train']}", f"data.val={s3_sweep['val']}", f"storage.uri={s3_sweep['storage']}",
            "run.name=asha"]
+    # Tune saves its experiment state every 2 s instead of 10: the kill below waits for a saved state
+    # in which one trial has finished and the next one is running
     env = client_env(ray_head["home"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=ray_head["token"],
-                     RAY_ADDRESS=ray_head["gcs"])
+                     RAY_ADDRESS=ray_head["gcs"], TUNE_GLOBAL_CHECKPOINT_S="2")
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 600
         while True:
+            saved = _saved_statuses(sweep_uri)
             pointers = _trial_pointers(sweep_uri)
-            done = [t for t, p in pointers.items() if p["iteration"] == MAX_ITERS]
-            running = [t for t, p in pointers.items() if p["iteration"] < MAX_ITERS]
+            done = [t for t, status in saved.items() if status == "TERMINATED"]
+            running = [t for t, status in saved.items() if status == "RUNNING"
+                       and 0 < pointers.get(t, {}).get("iteration", 0) < MAX_ITERS]
             if done and running:
                 break
             assert proc.poll() is None, f"the sweep ended early: {(tmp_path / 'first.log').read_text()[-4000:]}"
-            assert time.time() < deadline, "no finished and checkpointed trials within 600 s"
-            time.sleep(1)
-        time.sleep(12)  # one round of Tune's experiment-state saving (TUNE_GLOBAL_CHECKPOINT_S=10)
+            assert time.time() < deadline, f"no finished and running checkpointed trials within 600 s: {saved}"
+            time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
@@ -122,9 +136,12 @@ def test_sweep_on_s3_survives_a_killed_driver(ray_head, s3_sweep, tmp_path):
         assert time.time() < deadline, f"the killed sweep's workers still hold CPUs: {cpus}"
         time.sleep(2)
     before = _trial_pointers(sweep_uri)
-    finished = {t: load_checkpoint(storage.join(sweep_uri, t, "checkpoints", p["latest"]))["starts"]
-                for t, p in before.items() if p["iteration"] == MAX_ITERS}
-    interrupted = {t: p["iteration"] for t, p in before.items() if p["iteration"] < MAX_ITERS}
+    # what the resume acts on: Tune's saved state (a trial ASHA stopped after the last save is
+    # restored as running and goes on from its checkpoint too)
+    finished = {t: load_checkpoint(storage.join(sweep_uri, t, "checkpoints", before[t]["latest"]))["starts"]
+                for t in done if t in before}
+    interrupted = {t: before[t]["iteration"] for t in running}
+    assert finished and interrupted, (saved, before)
 
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     out = resumed.stdout + resumed.stderr
@@ -139,7 +156,8 @@ def test_sweep_on_s3_survives_a_killed_driver(ray_head, s3_sweep, tmp_path):
         assert ckpt["starts"] == starts == [0], trial
     for trial, at in interrupted.items():
         ckpt = load_checkpoint(storage.join(sweep_uri, trial, "checkpoints", after[trial]["latest"]))
-        assert ckpt["starts"][0] == 0 and at <= ckpt["starts"][-1] < MAX_ITERS, (trial, ckpt["starts"])
+        assert len(ckpt["starts"]) == 2 and ckpt["starts"][0] == 0 and at <= ckpt["starts"][1] < MAX_ITERS, \
+            (trial, ckpt["starts"])
 
     # the table: 4 distinct trials, at least one stopped by ASHA, the Optuna suggestions not repeated
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{sweep_uri}/trials.csv").decode())))
