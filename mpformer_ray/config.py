@@ -174,11 +174,18 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_YAML_BOOLS = {True: {"y", "yes", "true", "on"}, False: {"n", "no", "false", "off"}}
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against annotation ``tp`` (converting YAML scalars where exact)."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool):
+            # YAML reads off / on / yes / no as booleans: `train.amp=off` means the choice "off"
+            spelled = [c for c in choices if isinstance(c, str) and c.lower() in _YAML_BOOLS[value]]
+            value = spelled[0] if len(spelled) == 1 else value
         if value not in choices:
             raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
         return value

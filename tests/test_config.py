@@ -31,6 +31,17 @@ def test_overrides_are_typed_and_nested():
     assert piloted_layers(load_config("tiny").model) == load_config("tiny").model.dec_layers
 
 
+def test_choices_spelled_like_yaml_booleans_mean_the_choice(tmp_path):
+    # YAML reads `off` as false: `train.amp=off` (the documented way to turn mixed precision off)
+    # and `amp: off` in a file must give the choice "off", not an error
+    assert load_config("tiny", ["train.amp=off"]).train.amp == "off"
+    path = tmp_path / "amp.yaml"
+    path.write_text("base: tiny\ntrain:\n  amp: off\n")
+    assert load_config(str(path)).train.amp == "off"
+    with pytest.raises(ConfigError, match="train.amp"):
+        load_config("tiny", ["train.amp=on"])  # no choice is spelled "on"
+
+
 @pytest.mark.parametrize("override, words", [
     ("model.pilot.bogus=1", ["bogus", "valid keys", "groups"]),
     ("nosuchsection.x=1", ["nosuchsection"]),
