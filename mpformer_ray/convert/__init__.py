@@ -41,6 +41,7 @@ class Conversion:
 
     checkpoint: dict[str, Any]
     derived: list[str]  # "model.X: value (config had Y)" for each field taken from the source
+    sources: dict[str, list[str]]  # our tensor -> the source tensors it was made from
     skipped: dict[str, str]  # source tensor -> why it is not used
     initialised: dict[str, str]  # our tensor -> how it was filled without a source tensor
     seconds: float
@@ -52,7 +53,7 @@ def _derive(cfg: Config, fields: dict[str, Any], label: str) -> tuple[Config, li
     changed = [f"model.{k}: {v!r} (config had {getattr(model, k)!r})" for k, v in fields.items()
                if getattr(model, k) != v]
     overrides = {f"model.{k}": v for k, v in fields.items()}
-    if fields["num_classes"] != model.num_classes and model.thing_classes is not None:
+    if "thing_classes" not in fields and fields["num_classes"] != model.num_classes and model.thing_classes:
         # the config's thing ids are another dataset's; which of the source's classes are things it cannot say
         overrides["model.thing_classes"] = None
         changed.append(f"model.thing_classes: None (config had {model.thing_classes} for "
@@ -63,9 +64,12 @@ def _derive(cfg: Config, fields: dict[str, Any], label: str) -> tuple[Config, li
         raise ConvertError(f"{label}: the architecture it states does not fit the config: {e}") from None
 
 
-def convert(kind: Kind, src: str, cfg: Config, endpoint_url: str | None = None, seed: int = 0) -> Conversion:
+def convert(kind: Kind, src: str, cfg: Config, endpoint_url: str | None = None, seed: int = 0,
+            classes: list[dict] | None = None) -> Conversion:
     """Convert the checkpoint at ``src`` (module docstring); ``cfg`` gives what the source does not state.
-    ConvertError naming the file, the tensor or field, and the fix."""
+    ``classes`` (a prepared split's manifest ``classes``, in the source's class order) names the classes and
+    says which are things; without it they are HF's ``id2label`` or ``class_<i>``, things per
+    ``model.thing_classes``. ConvertError naming the file, the tensor or field, and the fix."""
     start = time.perf_counter()
     if kind == "hf":
         config_json, source = hf.read(src, endpoint_url)
@@ -77,6 +81,11 @@ def convert(kind: Kind, src: str, cfg: Config, endpoint_url: str | None = None, 
         fields, rules, names = detectron2.architecture(source, label), detectron2.RULES, None
     else:
         raise ConvertError(f"--from {kind!r}: choose hf or detectron2")
+    if classes is not None:
+        if len(classes) != fields["num_classes"]:
+            raise ConvertError(f"{label} predicts {fields['num_classes']} classes, the given dataset has "
+                               f"{len(classes)}: pass the split the checkpoint was trained on (or none)")
+        fields["thing_classes"] = [i for i, c in enumerate(classes) if c.get("isthing", True)]
     cfg, derived = _derive(cfg, fields, label)
     for line in derived:
         log.info("%s: %s", label, line)
@@ -99,25 +108,26 @@ def convert(kind: Kind, src: str, cfg: Config, endpoint_url: str | None = None, 
         initialised[pilot_key] = "no pilot label embedding in the source: initialised as a new training run does"
     query_pos = "predictor.query_embed.weight"
     if query_pos not in mapped.state:
-        # MP-Former's released decoder has no query positional embedding; zeros compute exactly that
-        mapped.state[query_pos] = torch.zeros_like(expected[query_pos])
-        mapped.sources[query_pos] = ["(none)"]
         initialised[query_pos] = "zeros: the source's decoder has no query positional embedding (MP-Former)"
     check_against(mapped, expected, label, initialised)
     state = {k: mapped.state[k].to(v.dtype).contiguous().clone() if k in mapped.state else v
              for k, v in expected.items()}
+    if query_pos not in mapped.state:
+        # MP-Former's released decoder adds no positional embedding to its queries; zeros compute exactly that
+        state[query_pos] = torch.zeros_like(expected[query_pos])
     model.load_state_dict(state)  # strict: proves the checkpoint loads as training and inference load it
 
-    things = set(range(cfg.model.num_classes) if cfg.model.thing_classes is None else cfg.model.thing_classes)
-    names = names or [f"class_{i}" for i in range(cfg.model.num_classes)]
-    classes = [{"id": i, "name": n, "isthing": i in things} for i, n in enumerate(names)]
+    if classes is None:
+        things = set(range(cfg.model.num_classes) if cfg.model.thing_classes is None else cfg.model.thing_classes)
+        names = names or [f"class_{i}" for i in range(cfg.model.num_classes)]
+        classes = [{"id": i, "name": n, "isthing": i in things} for i, n in enumerate(names)]
     skipped = dict(sorted(mapped.skipped.items()))
     checkpoint = {
         "model": state, "iteration": 0, "config": cfg.to_dict(), "classes": classes, "best": None, "starts": [],
         "metrics": {}, "converted_from": {"format": kind, "source": src, "skipped": skipped,
                                           "initialised": dict(sorted(initialised.items()))},
     }
-    return Conversion(checkpoint, derived, skipped, initialised, time.perf_counter() - start)
+    return Conversion(checkpoint, derived, mapped.sources, skipped, initialised, time.perf_counter() - start)
 
 
 def save(conversion: Conversion, out: str, endpoint_url: str | None = None) -> int:

@@ -45,17 +45,15 @@ def randomise(model: nn.Module, seed: int) -> None:
     drops them) and give every BatchNorm random statistics, keeping activations of order one."""
     gen = torch.Generator().manual_seed(seed)
 
-    def noise(t: Tensor, scale: float) -> Tensor:
-        return torch.randn(t.shape, generator=gen) * scale
-
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.copy_(noise(module.running_mean, 0.1))
-            module.running_var.copy_(torch.rand(module.running_var.shape, generator=gen) + 0.5)
+            module.running_mean.normal_(0.0, 0.1, generator=gen)
+            module.running_var.uniform_(0.5, 1.5, generator=gen)
     for name, p in model.named_parameters():
-        p.add_(noise(p, 0.02))
         if name.endswith("weight") and p.dim() == 1:  # norms' scales around one
-            p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            p.uniform_(0.5, 1.5, generator=gen)
+        else:
+            p.add_(torch.empty_like(p).normal_(0.0, 0.02, generator=gen))
 
 
 def semantic_scores(class_logits: Tensor, mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
@@ -63,3 +61,31 @@ def semantic_scores(class_logits: Tensor, mask_logits: Tensor, size: tuple[int, 
     [B, K, H, W] = sum over queries of softmax(classes)[:K] x sigmoid(masks upsampled bilinearly to ``size``)."""
     masks = torch.nn.functional.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
     return torch.einsum("bqk,bqhw->bkhw", class_logits.softmax(-1)[..., :-1], masks.sigmoid())
+
+
+@torch.no_grad()
+def compare(reference: nn.Module, ours: nn.Module, images: Tensor) -> dict[str, float]:
+    """Max absolute differences between the HF ``reference`` and ``ours`` (both in eval mode) on normalised
+    ``images`` [B, 3, H, W] (H, W multiples of 32: ours pads, HF does not): final class / mask logits,
+    the same over every earlier prediction (query init and layers 1..L-1), and the semantic scores."""
+    ref = reference(pixel_values=images, output_auxiliary_logits=True)
+    out = ours.forward_raw(images)
+    if len(out["aux_outputs"]) != len(ref.auxiliary_logits):
+        raise ValueError(f"{len(out['aux_outputs'])} intermediate predictions, HF has {len(ref.auxiliary_logits)}")
+    sem = torch.stack([r["sem_seg"] for r in ours(images)])
+    size = tuple(images.shape[-2:])
+
+    def diff(a: Tensor, b: Tensor) -> float:
+        if a.shape != b.shape:
+            raise ValueError(f"shapes differ: ours {tuple(a.shape)}, HF {tuple(b.shape)}")
+        return (a - b).abs().max().item()
+
+    return {
+        "class_logits": diff(out["pred_logits"], ref.class_queries_logits),
+        "mask_logits": diff(out["pred_masks"], ref.masks_queries_logits),
+        "aux_class_logits": max(diff(a["pred_logits"], r["class_queries_logits"])
+                                for a, r in zip(out["aux_outputs"], ref.auxiliary_logits)),
+        "aux_mask_logits": max(diff(a["pred_masks"], r["masks_queries_logits"])
+                               for a, r in zip(out["aux_outputs"], ref.auxiliary_logits)),
+        "sem_seg": diff(sem, semantic_scores(ref.class_queries_logits, ref.masks_queries_logits, size)),
+    }

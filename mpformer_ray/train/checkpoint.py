@@ -313,6 +313,40 @@ def model_mismatch(weights: dict[str, torch.Tensor], saved_model: dict, cfg: Con
                       for k in sorted(found.keys() | expected.keys()) if found.get(k) != expected.get(k)][:3]
 
 
+def initial_weights(cfg: Config, endpoint_url: str | None = None) -> dict[str, torch.Tensor]:
+    """The model weights a new run of ``cfg`` starts from: those of the checkpoint ``model.weights`` names (a
+    converted one, see ``jobs/convert_checkpoint.py``, or any training checkpoint), without the entries the
+    run's own config decides (``criterion.*``: loss weights). A checkpoint without the pilot's label embedding
+    (converted Mask2Former weights, or pilot training off) leaves it as the new model initialises it.
+    CheckpointError naming the file, the parameters that do not fit and the fix."""
+    from mpformer_ray.model import build_model
+
+    uri = cfg.model.weights
+    ckpt = load_checkpoint(uri, endpoint_url)
+    shapes_only = copy.deepcopy(cfg)
+    shapes_only.model.pretrained = None
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_model(shapes_only).state_dict().items()}
+    weights = {k: v for k, v in ckpt["model"].items() if not k.startswith("criterion.")}
+    optional = ("criterion.", "pilot.")
+    problems = [f"{k}: checkpoint {tuple(v.shape)}, model {expected[k]}" for k, v in weights.items()
+                if k in expected and tuple(v.shape) != expected[k]]
+    problems += [f"{k}: not in the model" for k in weights if k not in expected and not k.startswith(optional)]
+    problems += [f"{k}: not in the checkpoint" for k in expected if k not in weights and not k.startswith(optional)]
+    if problems:
+        saved = _flatten(ckpt.get("config", {}).get("model", {}), "model.")
+        # the fields that size parameters (loss, inference and pilot settings do not)
+        sizing = ("backbone", "backbone_norm", "num_classes", "num_queries", "hidden_dim", "dim_feedforward",
+                  "dec_layers", "enc_layers", "enc_dim_feedforward", "enc_n_points", "mask_dim", "swin_window")
+        fields = [f"model.{k}: checkpoint {saved[f'model.{k}']}, config {getattr(cfg.model, k)}" for k in sizing
+                  if f"model.{k}" in saved and saved[f"model.{k}"] != getattr(cfg.model, k)]
+        raise CheckpointError(
+            f"model.weights={uri} does not fit the model of this config ({'; '.join(problems[:5])}"
+            f"{' ...' if len(problems) > 5 else ''}). Fix: set the model.* fields the checkpoint was made with"
+            f"{' (' + '; '.join(fields[:6]) + ')' if fields else ''}")
+    return {k: v for k, v in weights.items() if k in expected}
+
+
 def check_resume(cfg: Config, classes: list[dict], endpoint_url: str | None = None) -> str | None:
     """The checkpoint a training run of ``cfg`` resumes from (None: a new run), checked on the driver
     before any worker starts: readable (see ``CheckpointStore.find_resume``) and fitting ``cfg``'s

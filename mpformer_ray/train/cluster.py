@@ -144,7 +144,7 @@ def _node_list(nodes: list[dict[str, float]]) -> str:
 def local_paths(cfg: Config) -> list[str]:
     """``field=path`` for every location the workers use that is a local path."""
     fields = {"storage.uri": cfg.storage.uri, "data.train": cfg.data.train, "data.val": cfg.data.val,
-              "model.pretrained": cfg.model.pretrained}
+              "model.pretrained": cfg.model.pretrained, "model.weights": cfg.model.weights}
     return [f"{name}={value}" for name, value in fields.items() if value and "://" not in value]
 
 

@@ -21,7 +21,7 @@ from mpformer_ray import storage
 from mpformer_ray.amp import resolve_amp
 from mpformer_ray.config import Config, ConfigError
 from mpformer_ray.model.criterion import total_loss
-from mpformer_ray.train.checkpoint import CheckpointStore, load_checkpoint
+from mpformer_ray.train.checkpoint import CheckpointStore, initial_weights, load_checkpoint
 from mpformer_ray.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,8 @@ def train_loop(
     main_metric: str | None = None,
     resume_from: str | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` for ``cfg.train.max_iters`` iterations, from ``resume_from`` or from scratch.
+    """Train ``model`` for ``cfg.train.max_iters`` iterations, from ``resume_from``, else from the weights
+    ``model.weights`` names (optimizer and schedule new), else from the model as built.
 
     Args:
         model: the MP-Former, possibly DDP-wrapped; ``model(images, targets)`` returns a dict
@@ -167,6 +168,11 @@ def train_loop(
         epoch, skip = ckpt["data"]["epoch"], ckpt["data"]["batches"]
         if rank == 0:
             log.info("resuming from %s at iteration %d (epoch %d, %d batches in)", resume_from, start, epoch, skip)
+    elif cfg.model.weights:
+        # a new run starting from given weights (e.g. converted Mask2Former ones); a resumed run has its own
+        core.load_state_dict(initial_weights(cfg, store.endpoint_url), strict=False)
+        if rank == 0:
+            log.info("starting from the weights of %s", cfg.model.weights)
     starts.append(start)
     if start >= t.max_iters:
         if rank == 0:

@@ -26,8 +26,15 @@ from mpformer_ray.config import Config, config_from_dict  # noqa: E402
 from mpformer_ray.log import setup_logging  # noqa: E402
 from mpformer_ray.data.records import DataError, check_shards, read_manifest  # noqa: E402
 from mpformer_ray.tasks import main_metric, main_task, tasks_for  # noqa: E402
-from mpformer_ray.train.checkpoint import CheckpointError, CheckpointStore, check_resume, run_uri  # noqa: E402
+from mpformer_ray.train.checkpoint import (  # noqa: E402
+    CheckpointError,
+    CheckpointStore,
+    check_resume,
+    initial_weights,
+    run_uri,
+)
 from mpformer_ray.train.cluster import current_cluster, findings  # noqa: E402
+from mpformer_ray.train.failure import FailFast  # noqa: E402
 from mpformer_ray.train.loop import train_loop  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -112,6 +119,7 @@ def preflight(cfg: Config) -> TrainPlan:
     cfg.storage.uri = storage.absolute(cfg.storage.uri)
     cfg.data.train, cfg.data.val = storage.absolute(cfg.data.train), storage.absolute(cfg.data.val)
     cfg.model.pretrained = storage.absolute(cfg.model.pretrained)
+    cfg.model.weights = storage.absolute(cfg.model.weights)
     if "/runtime_resources/working_dir_files/" in cfg.storage.uri:
         log.warning("storage.uri=%s lies inside this Ray job's copy of --working-dir, which Ray deletes "
                     "when the job's files are garbage-collected: checkpoints there will be lost. Fix: set "
@@ -146,6 +154,11 @@ def preflight(cfg: Config) -> TrainPlan:
         resume_from = check_resume(cfg, classes, endpoint)
     except CheckpointError as e:
         raise PreflightError(str(e)) from None
+    if not resume_from and cfg.model.weights:
+        try:
+            initial_weights(cfg, endpoint)  # read on the driver: a bad file fails here, not in every worker
+        except (CheckpointError, storage.StorageError) as e:
+            raise PreflightError(f"model.weights: {e}") from None
     # last: the probe creates the run directory, which a failed check must not leave behind
     try:
         storage.check_writable(run, endpoint)
@@ -215,7 +228,8 @@ def train_worker(config: dict) -> None:
 def build_trainer(plan: TrainPlan, callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
     """A TorchTrainer for ``plan``: ``train.workers`` DDP workers, each with
     ``train.cpus_per_worker`` CPUs (and a GPU when ``train.use_gpu``), restarted up to
-    ``train.max_failures`` times, Ray's run files under the run directory."""
+    ``train.max_failures`` times unless the error is one no restart fixes (``failure.FailFast``),
+    Ray's run files under the run directory."""
     from mpformer_ray.data.pipeline import build_dataset
 
     cfg, t = plan.cfg, plan.cfg.train
@@ -241,7 +255,7 @@ def build_trainer(plan: TrainPlan, callbacks: list | None = None) -> ray.train.t
             storage_path=path,
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            callbacks=callbacks,
+            callbacks=[FailFast(), *(callbacks or [])],
         ),
         datasets={"train": dataset},
     )
