@@ -5,7 +5,9 @@
     ray job submit --working-dir . -- python jobs/train.py --config configs/my.yaml
 
 Rerunning with the same run.name resumes from the run's latest checkpoint. Ctrl-C stops training,
-says where the latest checkpoint is and exits with status 130.
+says where the latest checkpoint is and exits with status 130. Bad input exits with status 2 before
+any worker starts; a run that fails (an error no restart fixes, or more than train.max_failures
+worker failures) exits with status 1, naming each worker's error and the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from mpformer_ray.data.records import DataError  # noqa: E402
 from mpformer_ray.log import setup_logging  # noqa: E402
 from mpformer_ray.train import PreflightError, latest_checkpoint, run_training  # noqa: E402
 from mpformer_ray.train.checkpoint import CheckpointError, CheckpointStore, run_uri  # noqa: E402
+from mpformer_ray.train.failure import failure_message  # noqa: E402
+from ray.train import TrainingFailedError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,19 +43,20 @@ def results_table(metrics: dict) -> str:
     return "\n".join([f"{'metric':<{width}}  value", f"{'-' * width}  -----"] + [f"{k:<{width}}  {v}" for k, v in rows])
 
 
-def interrupted(cfg: Config | None) -> str:
-    """The line printed on Ctrl-C: where the run can resume from."""
+def resume_line(cfg: Config | None, what: str = "interrupted") -> str:
+    """The line printed when training stops early (``what``: "interrupted", "failed"): where the run
+    can resume from."""
     if cfg is None:
-        return "interrupted before the config was loaded"
+        return f"{what} before the config was loaded"
     # the run directory preflight uses (a relative local storage.uri means this working directory)
     store = CheckpointStore(storage.absolute(run_uri(cfg)), storage.endpoint_for(cfg.storage.endpoint_url))
     try:
         latest = store.latest()
     except (CheckpointError, storage.StorageError) as e:
-        return f"interrupted; the latest checkpoint cannot be read: {e}"
+        return f"{what}; the latest checkpoint cannot be read: {e}"
     if latest is None:
-        return f"interrupted before the first checkpoint in {store.dir}; rerun the same command to start again"
-    return f"interrupted; latest checkpoint: {latest}; rerun the same command to resume"
+        return f"{what} before the first checkpoint in {store.dir}; rerun the same command to start again"
+    return f"{what}; latest checkpoint: {latest}; rerun the same command to resume"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C before training starts is a KeyboardInterrupt; during training, Ray Train's own SIGINT
     # handler aborts the workers and ends the driver's wait with SystemExit (status 0 or 1: replaced)
     except (KeyboardInterrupt, SystemExit):
-        print(interrupted(cfg), file=sys.stderr)
+        print(resume_line(cfg), file=sys.stderr)
         return 130
+    except TrainingFailedError as e:
+        print(f"error: training failed: {failure_message(e)}\n{resume_line(cfg, 'failed')}", file=sys.stderr)
+        return 1
     store = CheckpointStore(plan.run_uri, plan.endpoint_url)
     pointer = store.pointer() or {}
     print("\nfinal metrics")

@@ -357,3 +357,15 @@ def test_decoder_uses_ground_truth_masks_in_piloted_layers(layers):
             n = len(t["labels"])
             matches = all(torch.equal(blocked[b, g, :n], ~gt) for g in range(2))
             assert matches == piloted, (i, b)
+
+
+def test_matcher_names_diverged_training_instead_of_scipys_error():
+    from mpformer_ray.model.matcher import HungarianMatcher
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 4, generator=gen)
+    logits[1, 3, 0] = float("nan")  # one non-finite prediction in the second image
+    masks = torch.randn(2, 5, 8, 8, generator=gen)
+    targets = [{"labels": torch.tensor([0, 2]), "masks": torch.rand(2, 16, 16, generator=gen) > 0.5}] * 2
+    with pytest.raises(FloatingPointError, match="not finite.*lower train.lr"):
+        HungarianMatcher(2.0, 5.0, 5.0, 64)({"pred_logits": logits, "pred_masks": masks}, targets)

@@ -163,6 +163,26 @@ def test_killed_interrupted_and_failing_run_loses_nothing(s3_data, tmp_path):
         assert (got is None and math.isnan(want)) or math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-4), key
 
 
+def test_non_finite_loss_fails_the_run_at_once(local_data, tmp_path):
+    """A resume replays the same batches from the same checkpoint, so a non-finite loss is not
+    retried train.max_failures times: the job ends at the first failure, exit status 1, with the
+    worker's error and where the run stands."""
+    proc = subprocess.run(
+        train_argv(f"data.train={local_data['train']}", f"data.val={local_data['val']}",
+                   f"storage.uri={tmp_path / 'runs'}", "run.name=nan", "train.max_iters=20", "train.max_failures=3",
+                   # every weight ~1e30 after the first step: the next loss overflows
+                   "train.lr=1e30", "train.clip_grad=0", "train.amp=off"),
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}, capture_output=True, text=True,
+        timeout=300)
+    err = proc.stderr
+    assert proc.returncode == 1, proc.stdout[-2000:] + err[-4000:]
+    assert "error: training failed: worker " in err and "FloatingPointError: " in err, err[-4000:]
+    assert "lower train.lr" in err
+    assert "not retried: a restart from the latest checkpoint would fail the same way" in err
+    assert f"failed before the first checkpoint in {tmp_path / 'runs' / 'nan' / 'checkpoints'}" in err
+    assert "[FailurePolicy] RETRY" not in proc.stdout + err
+
+
 def test_relative_local_paths_mean_the_launch_directory(local_data, tmp_path):
     """Ray Train runs its workers in a directory of its own: relative data and storage paths
     (the default storage.uri is ./runs) must still name the directory the job was started in."""

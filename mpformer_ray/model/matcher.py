@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
@@ -76,6 +77,11 @@ class HungarianMatcher(nn.Module):
                 if len(target["labels"]):
                     costs.append(self._costs(logits[:, i], [m[i] for m in masks], target).flatten())
         flat = torch.cat(costs).cpu().numpy() if costs else None
+        if flat is not None and not np.isfinite(flat).all():
+            # scipy's own error ("matrix contains invalid numeric entries") names neither cause nor fix
+            raise FloatingPointError(
+                "the model's predictions are not finite (NaN / inf in the matching costs): training diverged; "
+                "lower train.lr, raise train.warmup_iters, or set train.amp=off")
         empty = torch.empty(0, dtype=torch.int64)
         result = [[(empty, empty)] * b for _ in range(num_preds)]
         offset = 0
