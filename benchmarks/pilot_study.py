@@ -18,13 +18,13 @@ the sweep file), ``trials.csv`` (``report.trials_table``: trial, status, searche
 An arm is one combination of the searched fields other than ``train.seed``; the baseline is the arm with
 ``model.pilot.enabled`` false. Trials that did not complete are listed and left out of the statistics.
 
-The study (sized on the 2-core machine at 8c0ba6b, see benchmarks/results/pilot_fidelity.md): the
-``tiny-hard`` preset, pilot off / released defaults x 3 seeds, 600 iterations, evaluated every 150 on
-60 validation images, one trial at a time:
+The study, sized for the 2-core machine (benchmarks/results/pilot_fidelity.md, "Sizing the study"): the
+``tiny-hard`` preset as it is (128 px crops, 2 workers x batch 4), pilot off / released defaults x 3 seeds,
+600 iterations (4.8 epochs; the preset's 1500 would take about 90 minutes), evaluated every 150 on all 100
+validation images, one trial at a time; about 42 minutes on an otherwise idle machine:
 
-    python jobs/tune.py --config tiny-hard --space configs/sweeps/ablation.yaml \\
-        --set train.max_iters=600 train.eval_period=150 train.checkpoint_period=150 \\
-              train.eval_max_images=60 run.name=pilot-ablation
+    python jobs/tune.py --config tiny-hard --space configs/sweeps/ablation.yaml \
+        --set train.max_iters=600 train.eval_period=150 train.checkpoint_period=150 run.name=pilot-ablation
     python benchmarks/pilot_study.py runs/pilot-ablation
 """
 
@@ -201,15 +201,18 @@ def consistency_pairs(study: Study) -> list[str]:
 
 def run_cost(study: Study, run: Run) -> dict:
     """Wall time (Tune's time_total_s at the last evaluation: start-up, training, evaluations), the
-    evaluations' share, and training images/s = images trained / (wall - evaluation seconds)."""
+    evaluations' share, images/s over the trial = images trained / (wall - evaluation seconds), and the
+    training loop's own images/s of its last log window (steady state; reported with the final evaluation)."""
     h = run.history
     if h.empty or "time_total_s" not in h:
-        return {"wall_s": math.nan, "eval_s": math.nan, "images_per_s": math.nan}
+        return {"wall_s": math.nan, "eval_s": math.nan, "images_per_s": math.nan, "loop_images_per_s": math.nan}
     t = study.config["train"]
     wall = float(h["time_total_s"].iloc[-1])
     evals = float(h["eval_seconds"].sum()) if "eval_seconds" in h else 0.0
     images = int(h["iteration"].iloc[-1]) * t["batch_size"] * t["workers"]
-    return {"wall_s": wall, "eval_s": evals, "images_per_s": images / max(wall - evals, 1e-9)}
+    loop = float(h["images_per_s"].iloc[-1]) if "images_per_s" in h else math.nan
+    return {"wall_s": wall, "eval_s": evals, "images_per_s": images / max(wall - evals, 1e-9),
+            "loop_images_per_s": loop}
 
 
 def _colours(study: Study) -> dict[str, str]:
@@ -339,13 +342,17 @@ def build_report(study: Study) -> tuple[str, dict[str, bytes]]:
 
     lines += ["", "## Training cost per arm (mean ± std over seeds)", "",
               ("Wall time is Tune's `time_total_s` at a trial's last evaluation (worker start-up, training and "
-              "evaluations); images/s counts training only (wall minus the evaluations' `eval_seconds`)."), "",
-              "| arm | wall s | of which evaluation s | training images/s |", "|---|---|---|---|"]
+              "evaluations); images/s over the trial divides the images trained by the wall time less the "
+              "evaluations' `eval_seconds` (start-up included); the loop's images/s is the training loop's own "
+              "figure for its last log window (steady state)."), "",
+              "| arm | wall s | of which evaluation s | images/s over the trial | loop images/s, last window |",
+              "|---|---|---|---|---|"]
     for arm in arms:
         costs = [run_cost(study, r) for r in study.completed(arm)]
         lines.append(f"| {arm} | {_pm(*mean_std([c['wall_s'] for c in costs]), 0)} | "
                      f"{_pm(*mean_std([c['eval_s'] for c in costs]), 0)} | "
-                     f"{_pm(*mean_std([c['images_per_s'] for c in costs]), 2)} |")
+                     f"{_pm(*mean_std([c['images_per_s'] for c in costs]), 2)} | "
+                     f"{_pm(*mean_std([c['loop_images_per_s'] for c in costs]), 2)} |")
 
     if study.baseline is not None and piloted:
         lines += ["", "## Goal (issue 14)", "",
