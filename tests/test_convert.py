@@ -23,7 +23,14 @@ from mpformer_ray.config import apply_overrides, config_from_dict, load_config  
 from mpformer_ray.convert import ConvertError, convert  # noqa: E402
 from mpformer_ray.convert.reference import compare, hf_model  # noqa: E402
 from mpformer_ray.model import build_model  # noqa: E402
-from mpformer_ray.train import CheckpointStore, latest_checkpoint, load_checkpoint, train_loop  # noqa: E402
+from mpformer_ray.train import (  # noqa: E402
+    CheckpointStore,
+    PreflightError,
+    latest_checkpoint,
+    load_checkpoint,
+    preflight,
+    train_loop,
+)
 from mpformer_ray.train.checkpoint import CheckpointError, initial_weights  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "jobs"))
@@ -274,8 +281,29 @@ def test_converted_checkpoint_trains_with_the_pilot_and_evaluates(tmp_path, caps
     assert evaluate.main(["--checkpoint", store.run_uri, "--max-images", "2", "--device", "cpu"]) == 0
     capsys.readouterr()
 
-    # weights that do not fit the run's model are refused with the parameter and the fields to set
-    other = apply_overrides(run_cfg, ["model.num_queries=8"])
+    # weights that do not fit the run's model are refused with the parameter and the fields to set, by the
+    # training job's checks before any worker starts
+    other = apply_overrides(run_cfg, ["model.num_queries=8", "run.name=misfit"])
     with pytest.raises(CheckpointError, match=r"predictor\.query_feat\.weight: checkpoint \(16, 64\), model "
                                               r"\(8, 64\).*model\.num_queries: checkpoint 16, config 8"):
         initial_weights(other)
+    with pytest.raises(PreflightError, match=r"model\.weights: .*model\.num_queries: checkpoint 16, config 8"):
+        preflight(other)
+    assert preflight(apply_overrides(run_cfg, ["run.name=fits"])).resume_from is None
+
+
+def test_convert_from_and_to_s3(moto_server, tmp_path, capsys):
+    import convert_checkpoint
+
+    small_hf(tmp_path / "hf")
+    src = f"s3://{moto_server['bucket']}/released/m2f-r18"
+    for name in ("config.json", "model.safetensors"):
+        storage.write_bytes(storage.join(src, name), (tmp_path / "hf" / name).read_bytes())
+    out = f"s3://{moto_server['bucket']}/weights/m2f-r18.pth"
+    assert convert_checkpoint.main(["--from", "hf", "--src", src, "--config", "tiny", "--out", out]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    cfg = config_from_dict(load_checkpoint(out)["config"])
+    cfg.model.weights = out
+    assert "predictor.class_embed.weight" in initial_weights(cfg)
+    assert convert_checkpoint.main(["--from", "hf", "--src", src + "-missing", "--config", "tiny", "--out", out]) == 2
+    assert "no config.json" in capsys.readouterr().err
