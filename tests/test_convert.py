@@ -307,3 +307,30 @@ def test_convert_from_and_to_s3(moto_server, tmp_path, capsys):
     assert "predictor.class_embed.weight" in initial_weights(cfg)
     assert convert_checkpoint.main(["--from", "hf", "--src", src + "-missing", "--config", "tiny", "--out", out]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_resnet_with_the_stride_in_the_bottleneck_1x1_matches():
+    """detectron2's MSRA-style ResNets (HF: downsample_in_bottleneck) stride in the 1x1 conv, not the 3x3:
+    model.resnet_stride_in_1x1 computes that."""
+    from transformers import ResNetBackbone as HFResNet
+    from transformers import ResNetConfig
+
+    from mpformer_ray.convert import hf as hf_format
+    from mpformer_ray.convert.mapping import apply_rules
+    from mpformer_ray.convert.reference import BACKBONES, STAGES, randomise
+    from mpformer_ray.model.backbone import ResNetBackbone
+
+    torch.manual_seed(0)
+    reference = HFResNet(ResNetConfig(**BACKBONES["resnet50"][1], out_features=STAGES, downsample_in_bottleneck=True))
+    randomise(reference, 0)
+    source = {f"model.pixel_level_module.encoder.{k}": v for k, v in reference.state_dict().items()}
+    mapped = apply_rules(source, hf_format.RULES, "hf resnet50")
+    images = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference.eval()(images).feature_maps
+        for stride_in_1x1 in (True, False):
+            ours = ResNetBackbone("resnet50", "frozen", stride_in_1x1=stride_in_1x1).eval()
+            ours.load_state_dict({k.removeprefix("backbone."): v for k, v in mapped.state.items()})
+            # relative: random BatchNorm statistics let a bare ResNet's activations grow to 1e4 by res5
+            diff = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours(images).values(), expected))
+            assert (diff < 1e-5) == stride_in_1x1, diff
