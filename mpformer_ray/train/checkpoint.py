@@ -258,7 +258,8 @@ def load_checkpoint(uri: str, endpoint_url: str | None = None) -> dict:
     try:
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # damaged bytes fail in many ways: RuntimeError, UnpicklingError, EOFError, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # the first sentence: torch follows it with a paragraph of advice that does not apply here
+        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{uri} cannot be loaded ({reason}): the file is truncated or damaged") from None
     if not isinstance(ckpt, dict) or not {"model", "iteration"} <= ckpt.keys():
         raise CheckpointError(f"{uri} is not a training checkpoint (a dict with model weights and an iteration, "
