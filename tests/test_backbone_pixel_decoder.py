@@ -169,7 +169,10 @@ def test_tiny_model_stays_finite_under_bf16_autocast(hw):
         torch.manual_seed(seed)
         model = build_model(cfg).eval()
         images, _ = model.pad(torch.randn(1, 3, *hw))
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        # oneDNN's bf16 convolutions on AMX CPUs (torch 2.14.1) return NaN in res5 once a second model has
+        # been built in the process (same seed and input: finite on the first build, NaN on the next; always
+        # finite with oneDNN off): a CPU-library defect, not the model arithmetic checked here
+        with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False), torch.autocast("cpu", dtype=torch.bfloat16):
             feats = model.backbone(images)
             mask_features, multi_scale = model.pixel_decoder(feats)
             raw = model.decode_features(mask_features, multi_scale, None, tuple(images.shape[-2:]))
