@@ -127,6 +127,9 @@ class TrainConfig:
     workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
+    # more resources each Train worker asks for: custom node resources that place workers on chosen nodes
+    # (`ray start --resources='{"trainer": 1}'` with {trainer: 1}), accelerator types ({"accelerator_type:H100": 0.001})
+    worker_resources: dict[str, float] = field(default_factory=dict)
     lr: float = 1e-4
     weight_decay: float = 0.05
     backbone_lr_mult: float = 0.1
@@ -203,6 +206,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
             return None
         raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping such as {{name: 1}}, got {value!r}")
+        return {_coerce(k, key_tp, f"{where} key {k!r}"): _coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

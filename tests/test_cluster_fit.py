@@ -96,6 +96,18 @@ def test_placement_packs_in_the_coordinators_node_order():
     assert place_workers([small, big], {"CPU": 1.5}, 4) is None
 
 
+def test_custom_worker_resources_place_one_worker_per_labelled_node():
+    cfg = cfg_with("train.workers=2", "train.cpus_per_worker=0.5", "train.worker_resources={trainer: 1}")
+    assert worker_bundle(cfg.train) == {"trainer": 1.0, "CPU": 0.5}
+    head, worker = {"CPU": 2.0, "memory": 8e9}, {"CPU": 2.0, "memory": 8e9, "trainer": 1.0}
+    # PACK would put both workers on the first node; the resource sends one to each labelled node
+    assert place_workers([head, worker, worker], worker_bundle(cfg.train), 2) == [
+        head, {"CPU": 1.5, "memory": 8e9, "trainer": 0.0}, {"CPU": 1.5, "memory": 8e9, "trainer": 0.0}]
+    assert data_cpu_problem([head, worker, worker], cfg) is None
+    # one labelled node: the second worker has nowhere to go, and the error says which resource
+    assert "train.worker_resources={'trainer': 1.0}" in data_cpu_problem([head, worker], cfg)
+
+
 def test_the_error_names_the_fields_and_what_to_set():
     cfg = cfg_with("train.workers=2", "train.cpus_per_worker=1.5")
     (finding,) = findings(ClusterView(cpu_nodes(2, 2), autoscaling=False), cfg)

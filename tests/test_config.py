@@ -42,6 +42,16 @@ def test_choices_spelled_like_yaml_booleans_mean_the_choice(tmp_path):
         load_config("tiny", ["train.amp=on"])  # no choice is spelled "on"
 
 
+def test_mapping_fields_take_a_yaml_mapping():
+    cfg = load_config("tiny", ["train.worker_resources={trainer: 1, accelerator_type:H100: 0.001}"])
+    assert cfg.train.worker_resources == {"trainer": 1.0, "accelerator_type:H100": 0.001}
+    assert load_config("tiny").train.worker_resources == {}
+    with pytest.raises(ConfigError, match="train.worker_resources: expected a mapping"):
+        load_config("tiny", ["train.worker_resources=4"])
+    with pytest.raises(ConfigError, match="train.worker_resources.trainer: expected a number"):
+        load_config("tiny", ["train.worker_resources={trainer: many}"])
+
+
 @pytest.mark.parametrize("override, words", [
     ("model.pilot.bogus=1", ["bogus", "valid keys", "groups"]),
     ("nosuchsection.x=1", ["nosuchsection"]),

@@ -59,7 +59,7 @@ class Finding:
 
 def worker_bundle(train: TrainConfig) -> dict[str, float]:
     """One Train worker's resources, as Ray Train's ScalingConfig asks for them."""
-    return {"CPU": train.cpus_per_worker, **({"GPU": 1.0} if train.use_gpu else {})}
+    return {**train.worker_resources, "CPU": train.cpus_per_worker, **({"GPU": 1.0} if train.use_gpu else {})}
 
 
 def place_workers(nodes: list[dict[str, float]], bundle: dict[str, float], count: int) -> list[dict] | None:
@@ -118,7 +118,8 @@ def data_cpu_problem(nodes: list[dict[str, float]], cfg: Config) -> str | None:
     """Why ``cfg``'s Train workers and Ray Data cannot both run on ``nodes`` (None: they can)."""
     t = cfg.train
     shape = f"train.workers={t.workers} x train.cpus_per_worker={t.cpus_per_worker:g}" + \
-        (" (+ 1 GPU each, train.use_gpu=true)" if t.use_gpu else "")
+        (" (+ 1 GPU each, train.use_gpu=true)" if t.use_gpu else "") + \
+        (f" (+ train.worker_resources={t.worker_resources} each)" if t.worker_resources else "")
     left = place_workers(nodes, worker_bundle(t), t.workers)
     if left is None:
         problem = f"{shape} do not fit on nodes {_node_list(nodes)}"

@@ -71,6 +71,10 @@ def _check_train_fields(cfg: Config) -> None:
                  for name in ("eval_period", "eval_max_images", "max_failures", "warmup_iters") if getattr(t, name) < 0]
     if t.cpus_per_worker <= 0:
         problems.append(f"train.cpus_per_worker must be > 0; got {t.cpus_per_worker}")
+    problems += [f"train.worker_resources.{name} must be > 0; got {amount:g}"
+                 for name, amount in t.worker_resources.items() if amount <= 0]
+    problems += [f"train.worker_resources.{name}: set it through train.{instead}"
+                 for name, instead in (("CPU", "cpus_per_worker"), ("GPU", "use_gpu")) if name in t.worker_resources]
     if t.amp == "fp16" and not t.use_gpu:
         problems.append("train.amp=fp16 needs a GPU (train.use_gpu=true); use train.amp=off or bf16 on CPU")
     if problems:
@@ -128,12 +132,12 @@ def preflight(cfg: Config) -> TrainPlan:
     run = run_uri(cfg)
     # first, with a short timeout and no retries: an S3 endpoint that accepts connections and never
     # answers would hold every read below for minutes without a word
-    for field, value, uri in (("storage.uri", cfg.storage.uri, run), ("data.train", cfg.data.train, cfg.data.train),
-                              ("data.val", cfg.data.val, cfg.data.val)):
+    for name, value, uri in (("storage.uri", cfg.storage.uri, run), ("data.train", cfg.data.train, cfg.data.train),
+                             ("data.val", cfg.data.val, cfg.data.val)):
         try:
             storage.check_reachable(uri, endpoint)
         except storage.StorageError as e:
-            raise PreflightError(f"{field}={value!r}: {e}") from None
+            raise PreflightError(f"{name}={value!r}: {e}") from None
     train = _manifest(cfg.data.train, "data.train", endpoint)
     classes = train["classes"]
     if len(classes) != cfg.model.num_classes:
@@ -249,7 +253,8 @@ def build_trainer(plan: TrainPlan, callbacks: list | None = None) -> ray.train.t
             "job": plan.job,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}),
+            num_workers=t.workers, use_gpu=t.use_gpu,
+            resources_per_worker={**t.worker_resources, "CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=path,
