@@ -369,3 +369,17 @@ def test_matcher_names_diverged_training_instead_of_scipys_error():
     targets = [{"labels": torch.tensor([0, 2]), "masks": torch.rand(2, 16, 16, generator=gen) > 0.5}] * 2
     with pytest.raises(FloatingPointError, match="not finite.*lower train.lr"):
         HungarianMatcher(2.0, 5.0, 5.0, 64)({"pred_logits": logits, "pred_masks": masks}, targets)
+
+
+@pytest.mark.parametrize("overrides, counts", [
+    ((), [2, 3]), ((), [0, 0]), (("model.pilot.enabled=false",), [2, 0]), (("model.pilot.layers=1",), [1, 2]),
+])
+def test_every_parameter_is_in_every_steps_graph(overrides, counts):
+    """DistributedDataParallel runs without find_unused_parameters (an extra autograd traversal per step
+    and a warning on every run): every trainable parameter must be part of every step's graph, also
+    when no image has a segment (no pilot query, nothing matched) or the pilot is off."""
+    model = tiny(*overrides).train()
+    images, targets = shapes_batch(counts, seed=1)
+    sum(model(images, targets).values()).backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
