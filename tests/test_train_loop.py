@@ -6,6 +6,7 @@ import json
 import math
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ import torch
 from mpformer_ray import storage
 from mpformer_ray.amp import resolve_amp
 from mpformer_ray.config import load_config
+from mpformer_ray.data.pipeline import local_batches
 from mpformer_ray.data.synthetic import ensure_synthetic
 from mpformer_ray.model import build_model
 from mpformer_ray.train import (
@@ -156,6 +158,55 @@ def test_loop_trains_checkpoints_and_resumes(records, tmp_path, caplog):
     assert not model.training and loaded_cfg.train.max_iters == 6 and classes == ckpt["classes"]
     for k, v in model.state_dict().items():
         assert torch.equal(v, resumed["model"][k]), k
+
+    # the curves for TensorBoard: one event file per attempt, the training windows of both
+    curves = read_scalars(store.run_uri)
+    assert len(storage.listdir(storage.join(store.run_uri, "tensorboard"))) == 2
+    assert sorted(curves["train/loss"]) == [2, 4, 6]
+    assert curves["train/loss"][6] == pytest.approx(resumed["metrics"]["loss"])
+    assert {"train/lr", "train/images_per_s", "train/data_wait", "train/loss_pilot"} <= curves.keys()
+    assert not {"train/iteration", "train/eta_s"} & curves.keys()
+
+
+def read_scalars(run_uri: str) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from the run's TensorBoard event files (TFRecord framing: length, its CRC,
+    the Event proto, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, dict[int, float]] = {}
+    directory = storage.join(run_uri, "tensorboard")
+    for name in storage.listdir(directory):
+        data, pos = storage.read_bytes(storage.join(directory, name)), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
+def test_evaluations_reach_tensorboard_and_a_failed_run_keeps_its_curves(records, tmp_path):
+    cfg = tiny_cfg(records, tmp_path, "train.max_iters=4", "train.eval_period=2", "train.log_period=2",
+                   "train.checkpoint_period=100")
+    store = CheckpointStore(str(tmp_path / "runs" / "curves"))
+    classes = json.loads(storage.read_bytes(storage.join(records["train"], "manifest.json")))["classes"]
+    calls = []
+
+    def evaluate(model):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("evaluation failed")  # training stops: the curves so far are still saved
+        return {"sem_seg/mIoU": 12.5, "segm/AP": float("nan"), "num_images": 4}
+
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train_loop(build_model(cfg), lambda e: local_batches(records["train"], cfg, cfg.train.batch_size, epoch=e),
+                   cfg, lambda m: None, store, classes=classes, evaluate=evaluate)
+    curves = read_scalars(store.run_uri)
+    assert curves["sem_seg/mIoU"] == {2: 12.5}  # NaN (an empty AP bucket) and counters are no curves
+    assert "segm/AP" not in curves and "num_images" not in curves
+    assert sorted(curves["train/loss"]) == [2, 4]
 
 
 def _state(iteration: int) -> dict:

@@ -22,6 +22,7 @@ from mpformer_ray.amp import resolve_amp
 from mpformer_ray.config import Config, ConfigError
 from mpformer_ray.model.criterion import total_loss
 from mpformer_ray.train.checkpoint import CheckpointStore, initial_weights, load_checkpoint
+from mpformer_ray.train.events import EventLog
 from mpformer_ray.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -181,91 +182,103 @@ def train_loop(
                      start, t.max_iters, store.run_uri)
         return dict(ckpt["metrics"])
 
-    images_per_iter = t.batch_size * world_size
-    batches = _batches(epoch_batches, epoch, skip)
-    window, last = _Window(), {}
-    model.train()
-    tick = time.perf_counter()
-    for it in range(start, t.max_iters):
-        epoch, consumed, batch = next(batches)
-        images, targets = _to_device(batch, device)
-        got_data = time.perf_counter()
+    # rank 0's curves for TensorBoard, copied beside the checkpoints (also when training stops early)
+    events = EventLog(store.run_uri, store.endpoint_url) if rank == 0 else None
+    try:
+        images_per_iter = t.batch_size * world_size
+        batches = _batches(epoch_batches, epoch, skip)
+        window, last = _Window(), {}
+        model.train()
+        tick = time.perf_counter()
+        for it in range(start, t.max_iters):
+            epoch, consumed, batch = next(batches)
+            images, targets = _to_device(batch, device)
+            got_data = time.perf_counter()
 
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            losses = model(images, targets)
-        loss = total_loss(losses)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at iteration {it} ({ {k: float(v) for k, v in losses.items()} }); "
-                "lower train.lr, raise train.warmup_iters, or set train.amp=off")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if t.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            # one norm over the whole model (detectron2's "full_model" clipping)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                losses = model(images, targets)
+            loss = total_loss(losses)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at iteration {it} ({ {k: float(v) for k, v in losses.items()} }); "
+                    "lower train.lr, raise train.warmup_iters, or set train.amp=off")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if t.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                # one norm over the whole model (detectron2's "full_model" clipping)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
 
-        done = it + 1
-        now = time.perf_counter()
-        window.add({k: v.detach() for k, v in losses.items()}, now - tick, got_data - tick)
-        _maybe_inject_fault(cfg, store, done, rank)
+            done = it + 1
+            now = time.perf_counter()
+            window.add({k: v.detach() for k, v in losses.items()}, now - tick, got_data - tick)
+            _maybe_inject_fault(cfg, store, done, rank)
 
-        metrics: dict[str, float] = {}
-        if done % t.log_period == 0 or done == t.max_iters:
-            # loss values are this rank's (rank 0's in the log); averaging them across ranks
-            # would cost an all-reduce per log line for no training benefit
-            metrics = {"iteration": done, "epoch": epoch, "lr": max(g["lr"] for g in optimizer.param_groups),
-                       **window.metrics(images_per_iter, t.max_iters - done)}
-            if rank == 0:
-                log.info(
-                    "iter %d/%d  loss %.3f (ce %.3f mask %.3f dice %.3f pilot %.3f)  lr %.2e  %.1f img/s  "
-                    "data wait %.0f%%  eta %s", done, t.max_iters, metrics["loss"], metrics["loss_ce"],
-                    metrics["loss_mask"], metrics["loss_dice"], metrics["loss_pilot"], metrics["lr"],
-                    metrics["images_per_s"], 100 * metrics["data_wait"], _format_eta(metrics["eta_s"]))
-            window = _Window()
+            metrics: dict[str, float] = {}
+            if done % t.log_period == 0 or done == t.max_iters:
+                # loss values are this rank's (rank 0's in the log); averaging them across ranks
+                # would cost an all-reduce per log line for no training benefit
+                metrics = {"iteration": done, "epoch": epoch, "lr": max(g["lr"] for g in optimizer.param_groups),
+                           **window.metrics(images_per_iter, t.max_iters - done)}
+                if rank == 0:
+                    log.info(
+                        "iter %d/%d  loss %.3f (ce %.3f mask %.3f dice %.3f pilot %.3f)  lr %.2e  %.1f img/s  "
+                        "data wait %.0f%%  eta %s", done, t.max_iters, metrics["loss"], metrics["loss_ce"],
+                        metrics["loss_mask"], metrics["loss_dice"], metrics["loss_pilot"], metrics["lr"],
+                        metrics["images_per_s"], 100 * metrics["data_wait"], _format_eta(metrics["eta_s"]))
+                if events:
+                    events.add(done, metrics, prefix="train/")
+                window = _Window()
 
-        is_best = False
-        evaluating = evaluate is not None and (done == t.max_iters or (t.eval_period > 0 and done % t.eval_period == 0))
-        if evaluating:
-            core.eval()
-            with torch.no_grad():
-                results = evaluate(core)
-            model.train()
-            metrics.update({"iteration": done, **results})
-            if rank == 0:
-                log.info("evaluation at iteration %d: %s", done,
-                         "  ".join(f"{k} {v:.4g}" for k, v in results.items()))
-            if main_metric and main_metric not in results:
-                raise ConfigError(
-                    f"the evaluation at iteration {done} gave no {main_metric}, the metric this run picks its best "
-                    f"checkpoint by; it gave {sorted(results)}. Fix: evaluate on a data.val split with that "
-                    "task's annotations and keep its model.test.*_on switch on")
-            value = results.get(main_metric) if main_metric else None
-            if value is not None and math.isfinite(value) and (best is None or value > best["value"]):
-                best, is_best = {"metric": main_metric, "value": float(value), "iteration": done}, True
+            is_best = False
+            evaluating = evaluate is not None and (done == t.max_iters or (t.eval_period > 0 and done % t.eval_period == 0))
+            if evaluating:
+                core.eval()
+                with torch.no_grad():
+                    results = evaluate(core)
+                model.train()
+                metrics.update({"iteration": done, **results})
+                if events:
+                    events.add(done, results)
+                if rank == 0:
+                    log.info("evaluation at iteration %d: %s", done,
+                             "  ".join(f"{k} {v:.4g}" for k, v in results.items()))
+                if main_metric and main_metric not in results:
+                    raise ConfigError(
+                        f"the evaluation at iteration {done} gave no {main_metric}, the metric this run picks its best "
+                        f"checkpoint by; it gave {sorted(results)}. Fix: evaluate on a data.val split with that "
+                        "task's annotations and keep its model.test.*_on switch on")
+                value = results.get(main_metric) if main_metric else None
+                if value is not None and math.isfinite(value) and (best is None or value > best["value"]):
+                    best, is_best = {"metric": main_metric, "value": float(value), "iteration": done}, True
 
-        # checkpoint after every evaluation too, so the best-by-metric model is always on storage
-        if rank == 0 and (done % t.checkpoint_period == 0 or evaluating or done == t.max_iters):
-            state = {
-                "metrics": {"iteration": done, **metrics},
-                "model": core.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "iteration": done,
-                "config": cfg.to_dict(),
-                "data": {"epoch": epoch, "batches": consumed},
-                "classes": classes,
-                "best": best,
-                "starts": starts,
-            }
-            uri = store.save(state, is_best=is_best)
-            log.info("saved checkpoint %s", uri)
-        if metrics:
-            reporter(metrics)
-            last = metrics
-        tick = time.perf_counter()  # logging, evaluation and checkpoints are not training throughput
-    return last
+            # checkpoint after every evaluation too, so the best-by-metric model is always on storage
+            if rank == 0 and (done % t.checkpoint_period == 0 or evaluating or done == t.max_iters):
+                state = {
+                    "metrics": {"iteration": done, **metrics},
+                    "model": core.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "iteration": done,
+                    "config": cfg.to_dict(),
+                    "data": {"epoch": epoch, "batches": consumed},
+                    "classes": classes,
+                    "best": best,
+                    "starts": starts,
+                }
+                uri = store.save(state, is_best=is_best)
+                log.info("saved checkpoint %s", uri)
+                if events:
+                    events.sync()
+            if metrics:
+                reporter(metrics)
+                last = metrics
+            tick = time.perf_counter()  # logging, evaluation and checkpoints are not training throughput
+        return last
+    finally:
+        if events:
+            events.close()
