@@ -201,8 +201,8 @@ def train_worker(config: dict) -> None:
     # the loop's random draws (pilot noise) then differ because the data differs
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
-    # pilot label embeddings get no gradient in a step whose images have no segments
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    # every parameter takes part in every step (tests/test_model.py), so DDP needs no search for unused ones
+    model = ray.train.torch.prepare_model(model)
     shard = ray.train.get_dataset_shard("train")
     endpoint = config["endpoint_url"]
     classes = config["classes"]
