@@ -13,6 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -113,6 +114,112 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+@dataclass
+class _Optimization:
+    """What one training step updates: the model (``core`` without its DDP wrapper), the optimizer, the
+    schedule and the fp16 gradient scaler; ``amp``: the autocast dtype, None for fp32."""
+
+    model: nn.Module
+    core: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp: torch.dtype | None
+
+    @classmethod
+    def build(cls, model: nn.Module, cfg: Config, device: torch.device) -> _Optimization:
+        core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        optimizer = build_optimizer(core, cfg.train)
+        amp = resolve_amp(cfg.train.amp, device)
+        return cls(model, core, optimizer, build_scheduler(optimizer, cfg.train),
+                   torch.amp.GradScaler(device.type, enabled=amp == torch.float16), amp)
+
+    def step(self, images: torch.Tensor, targets: list[dict], it: int, clip_grad: float) -> dict[str, torch.Tensor]:
+        """Forward, backward and update on one batch; returns the weighted losses."""
+        with torch.autocast(images.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            losses = self.model(images, targets)
+        loss = total_loss(losses)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at iteration {it} ({ {k: float(v) for k, v in losses.items()} }); "
+                "lower train.lr, raise train.warmup_iters, or set train.amp=off")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            # one norm over the whole model (detectron2's "full_model" clipping)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return losses
+
+    def load(self, ckpt: dict) -> None:
+        self.core.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+
+    def state(self) -> dict:
+        return {"model": self.core.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: the next iteration, the data position (epoch, batches consumed in it), the
+    best evaluation so far, the iterations each attempt began at, and the last checkpoint's metrics."""
+
+    start: int = 0
+    epoch: int = 0
+    skip: int = 0
+    best: dict | None = None
+    starts: list[int] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+
+def _start(opt: _Optimization, cfg: Config, store: CheckpointStore, resume_from: str | None, rank: int) -> _Progress:
+    """Load ``resume_from`` (everything) or ``model.weights`` (the model only) and say where training starts."""
+    progress = _Progress()
+    if resume_from:
+        ckpt = load_checkpoint(resume_from, store.endpoint_url)
+        opt.load(ckpt)
+        progress = _Progress(ckpt["iteration"], ckpt["data"]["epoch"], ckpt["data"]["batches"], ckpt["best"],
+                             list(ckpt["starts"]), dict(ckpt["metrics"]))
+        if rank == 0:
+            log.info("resuming from %s at iteration %d (epoch %d, %d batches in)", resume_from, progress.start,
+                     progress.epoch, progress.skip)
+    elif cfg.model.weights:
+        # a new run starting from given weights (e.g. converted Mask2Former ones); a resumed run has its own
+        opt.core.load_state_dict(initial_weights(cfg, store.endpoint_url), strict=False)
+        if rank == 0:
+            log.info("starting from the weights of %s", cfg.model.weights)
+    progress.starts.append(progress.start)
+    return progress
+
+
+def _evaluate(opt: _Optimization, evaluate: Evaluate, done: int, main_metric: str | None,
+              progress: _Progress, rank: int) -> tuple[dict[str, float], bool]:
+    """Evaluate the model at iteration ``done``; returns (its metrics, whether it is the best so far by
+    ``main_metric``, which then becomes ``progress.best``)."""
+    opt.core.eval()
+    with torch.no_grad():
+        results = evaluate(opt.core)
+    opt.model.train()
+    if rank == 0:
+        log.info("evaluation at iteration %d: %s", done, "  ".join(f"{k} {v:.4g}" for k, v in results.items()))
+    if main_metric and main_metric not in results:
+        raise ConfigError(
+            f"the evaluation at iteration {done} gave no {main_metric}, the metric this run picks its best "
+            f"checkpoint by; it gave {sorted(results)}. Fix: evaluate on a data.val split with that "
+            "task's annotations and keep its model.test.*_on switch on")
+    value = results.get(main_metric) if main_metric else None
+    if value is None or not math.isfinite(value) or (progress.best and value <= progress.best["value"]):
+        return results, False
+    progress.best = {"metric": main_metric, "value": float(value), "iteration": done}
+    return results, True
+
+
 def train_loop(
     model: nn.Module,
     epoch_batches: EpochBatches,
@@ -152,76 +259,37 @@ def train_loop(
     """
     t = cfg.train
     device = torch.device(device)
-    core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    optimizer = build_optimizer(core, t)
-    scheduler = build_scheduler(optimizer, t)
-    amp_dtype = resolve_amp(t.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    start, epoch, skip, best, starts = 0, 0, 0, None, []
-    if resume_from:
-        ckpt = load_checkpoint(resume_from, store.endpoint_url)
-        core.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start, best, starts = ckpt["iteration"], ckpt["best"], list(ckpt["starts"])
-        epoch, skip = ckpt["data"]["epoch"], ckpt["data"]["batches"]
-        if rank == 0:
-            log.info("resuming from %s at iteration %d (epoch %d, %d batches in)", resume_from, start, epoch, skip)
-    elif cfg.model.weights:
-        # a new run starting from given weights (e.g. converted Mask2Former ones); a resumed run has its own
-        core.load_state_dict(initial_weights(cfg, store.endpoint_url), strict=False)
-        if rank == 0:
-            log.info("starting from the weights of %s", cfg.model.weights)
-    starts.append(start)
-    if start >= t.max_iters:
+    opt = _Optimization.build(model, cfg, device)
+    progress = _start(opt, cfg, store, resume_from, rank)
+    if progress.start >= t.max_iters:
         if rank == 0:
             log.info("run already finished (iteration %d >= train.max_iters %d): raise train.max_iters to "
                      "continue it, or set another run.name (or delete %s) to train from scratch",
-                     start, t.max_iters, store.run_uri)
-        return dict(ckpt["metrics"])
+                     progress.start, t.max_iters, store.run_uri)
+        return progress.metrics
 
     # rank 0's curves for TensorBoard, copied beside the checkpoints (also when training stops early)
     events = EventLog(store.run_uri, store.endpoint_url) if rank == 0 else None
     try:
         images_per_iter = t.batch_size * world_size
-        batches = _batches(epoch_batches, epoch, skip)
+        batches = _batches(epoch_batches, progress.epoch, progress.skip)
         window, last = _Window(), {}
         model.train()
         tick = time.perf_counter()
-        for it in range(start, t.max_iters):
+        for it in range(progress.start, t.max_iters):
             epoch, consumed, batch = next(batches)
             images, targets = _to_device(batch, device)
             got_data = time.perf_counter()
-
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                losses = model(images, targets)
-            loss = total_loss(losses)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at iteration {it} ({ {k: float(v) for k, v in losses.items()} }); "
-                    "lower train.lr, raise train.warmup_iters, or set train.amp=off")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if t.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                # one norm over the whole model (detectron2's "full_model" clipping)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-
+            losses = opt.step(images, targets, it, t.clip_grad)
             done = it + 1
-            now = time.perf_counter()
-            window.add({k: v.detach() for k, v in losses.items()}, now - tick, got_data - tick)
+            window.add({k: v.detach() for k, v in losses.items()}, time.perf_counter() - tick, got_data - tick)
             _maybe_inject_fault(cfg, store, done, rank)
 
             metrics: dict[str, float] = {}
             if done % t.log_period == 0 or done == t.max_iters:
                 # loss values are this rank's (rank 0's in the log); averaging them across ranks
                 # would cost an all-reduce per log line for no training benefit
-                metrics = {"iteration": done, "epoch": epoch, "lr": max(g["lr"] for g in optimizer.param_groups),
+                metrics = {"iteration": done, "epoch": epoch, "lr": max(g["lr"] for g in opt.optimizer.param_groups),
                            **window.metrics(images_per_iter, t.max_iters - done)}
                 if rank == 0:
                     log.info(
@@ -236,42 +304,17 @@ def train_loop(
             is_best = False
             evaluating = evaluate is not None and (done == t.max_iters or (t.eval_period > 0 and done % t.eval_period == 0))
             if evaluating:
-                core.eval()
-                with torch.no_grad():
-                    results = evaluate(core)
-                model.train()
+                results, is_best = _evaluate(opt, evaluate, done, main_metric, progress, rank)
                 metrics.update({"iteration": done, **results})
                 if events:
                     events.add(done, results)
-                if rank == 0:
-                    log.info("evaluation at iteration %d: %s", done,
-                             "  ".join(f"{k} {v:.4g}" for k, v in results.items()))
-                if main_metric and main_metric not in results:
-                    raise ConfigError(
-                        f"the evaluation at iteration {done} gave no {main_metric}, the metric this run picks its best "
-                        f"checkpoint by; it gave {sorted(results)}. Fix: evaluate on a data.val split with that "
-                        "task's annotations and keep its model.test.*_on switch on")
-                value = results.get(main_metric) if main_metric else None
-                if value is not None and math.isfinite(value) and (best is None or value > best["value"]):
-                    best, is_best = {"metric": main_metric, "value": float(value), "iteration": done}, True
 
             # checkpoint after every evaluation too, so the best-by-metric model is always on storage
             if rank == 0 and (done % t.checkpoint_period == 0 or evaluating or done == t.max_iters):
-                state = {
-                    "metrics": {"iteration": done, **metrics},
-                    "model": core.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "iteration": done,
-                    "config": cfg.to_dict(),
-                    "data": {"epoch": epoch, "batches": consumed},
-                    "classes": classes,
-                    "best": best,
-                    "starts": starts,
-                }
-                uri = store.save(state, is_best=is_best)
-                log.info("saved checkpoint %s", uri)
+                state = {**opt.state(), "metrics": {"iteration": done, **metrics}, "iteration": done,
+                         "config": cfg.to_dict(), "data": {"epoch": epoch, "batches": consumed},
+                         "classes": classes, "best": progress.best, "starts": progress.starts}
+                log.info("saved checkpoint %s", store.save(state, is_best=is_best))
                 if events:
                     events.sync()
             if metrics:
