@@ -237,8 +237,11 @@ def build_trainer(plan: TrainPlan, callbacks: list | None = None) -> ray.train.t
     from mpformer_ray.data.pipeline import build_dataset
 
     cfg, t = plan.cfg, plan.cfg.train
-    # one progress bar per epoch would bury the training log, which already reports throughput
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # one progress bar, start line and execution plan per epoch would bury the training log, which
+    # already reports throughput and data wait
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
     dataset = build_dataset(cfg.data.train, cfg, train=True, endpoint_url=plan.endpoint_url)
     fs, path = storage.resolve(cfg.storage.uri, plan.endpoint_url)
     return ray.train.torch.TorchTrainer(
