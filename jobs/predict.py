@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mpformer_ray import storage  # noqa: E402
 from mpformer_ray.config import ConfigError, add_override_argument  # noqa: E402
+from mpformer_ray.log import format_eta  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             device = resolve_device(args.device)
             model, cfg, classes = load_for_inference(args.checkpoint, args.overrides, device, args.endpoint_url)
             storage.check_writable(args.out, args.endpoint_url)
-        for index, uri in todo:
+        start = time.perf_counter()
+        for done, (index, uri) in enumerate(todo):
+            if done:  # a line per image after the first: how far, how fast, how long still
+                per_image = (time.perf_counter() - start) / done
+                print(f"[predict] {done}/{len(todo)} images, {per_image:.1f} s an image, eta "
+                      f"{format_eta(per_image * (len(todo) - done))}", file=sys.stderr, flush=True)
             try:
                 image = load_image(uri, args.endpoint_url)
             except (storage.StorageError, ValueError) as e:

@@ -16,3 +16,9 @@ def setup_logging() -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+def format_eta(seconds: float) -> str:
+    """``seconds`` as H:MM:SS, for progress lines."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

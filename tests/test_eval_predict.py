@@ -305,3 +305,4 @@ def test_predict_job_writes_every_good_image_and_names_each_bad_one(val_uri, cla
     assert any(line.startswith(f"error: {truncated}: cannot decode as an image") for line in lines)
     assert lines[-1] == f"error: 3 of 5 images failed, the others were written: {missing}, {garbage}, {truncated}"
     assert "0x" not in captured.err and "<" not in captured.err  # no repr of internal objects
+    assert any(line.startswith("[predict] 3/4 images, ") and " eta 0:" in line for line in lines)  # progress

@@ -241,6 +241,7 @@ def test_prepare_data_job_subprocess(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "images written: 10" in proc.stdout and "no_annotations=1" in proc.stdout
     assert f"manifest: {out}/manifest.json" in proc.stdout
+    assert "[prepare] val: shards 3/3 (0 reused)" in proc.stderr and "eta 0:00:00" in proc.stderr  # progress
     manifest = read_manifest(str(out))
     assert manifest["dataset"] == "synthetic" and len(manifest["shards"]) == 3
     # strict mode on broken input: a non-zero exit and an error naming the file

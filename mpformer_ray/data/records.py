@@ -36,6 +36,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from mpformer_ray import storage
+from mpformer_ray.log import format_eta
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -248,9 +249,11 @@ def write_dataset(out_uri: str, items: Sequence, convert: Callable[[Any, Convers
         results[index] = sidecar
         done_images += sidecar["num_images"]
         if progress:
-            rate = done_images / max(time.time() - start, 1e-6)
-            print(f"[prepare] {split}: shards {len(results)}/{len(shards)} "
-                  f"({len(shards) - len(todo)} reused), {rate:.1f} images/s", file=sys.stderr, flush=True)
+            elapsed = max(time.time() - start, 1e-6)
+            converted = len(results) - (len(shards) - len(todo))  # this run's shards, not the reused ones
+            eta = format_eta(elapsed / max(converted, 1) * (len(shards) - len(results)))
+            print(f"[prepare] {split}: shards {len(results)}/{len(shards)} ({len(shards) - len(todo)} reused), "
+                  f"{done_images / elapsed:.1f} images/s, eta {eta}", file=sys.stderr, flush=True)
 
     if workers == 1 or len(todo) <= 1:
         for index in todo:

@@ -30,6 +30,7 @@ from mpformer_ray.data.records import decode_row, read_manifest, shard_rows
 from mpformer_ray.data.transforms import eval_transform, normalize
 from mpformer_ray.evaluation.consistency import MaskConsistency
 from mpformer_ray.evaluation.evaluator import Evaluator
+from mpformer_ray.log import format_eta
 from mpformer_ray.tasks import tasks_for
 
 log = logging.getLogger(__name__)
@@ -162,8 +163,8 @@ def evaluate_model(
                 done += 1
                 if rank == 0 and (done % PROGRESS_EVERY == 0 or done == own):
                     rate = done / max(time.perf_counter() - start, 1e-9)
-                    log.info("evaluation: %d/%d images on rank 0 (%.1f images/s, %d ranks, %d images in all)",
-                             done, own, rate, world_size, total)
+                    log.info("evaluation: %d/%d images on rank 0 (%.1f images/s, eta %s, %d ranks, %d images in all)",
+                             done, own, rate, format_eta((own - done) / max(rate, 1e-9)), world_size, total)
     finally:
         core.train(was_training)
 

@@ -21,6 +21,7 @@ from torch import nn
 from mpformer_ray import storage
 from mpformer_ray.amp import resolve_amp
 from mpformer_ray.config import Config, ConfigError
+from mpformer_ray.log import format_eta
 from mpformer_ray.model.criterion import total_loss
 from mpformer_ray.train.checkpoint import CheckpointStore, initial_weights, load_checkpoint
 from mpformer_ray.train.events import EventLog
@@ -107,11 +108,6 @@ class _Window:
         out["data_wait"] = self.wait / max(self.wall, 1e-9)
         out["eta_s"] = remaining * self.wall / n
         return out
-
-
-def _format_eta(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 @dataclass
@@ -296,7 +292,7 @@ def train_loop(
                         "iter %d/%d  loss %.3f (ce %.3f mask %.3f dice %.3f pilot %.3f)  lr %.2e  %.1f img/s  "
                         "data wait %.0f%%  eta %s", done, t.max_iters, metrics["loss"], metrics["loss_ce"],
                         metrics["loss_mask"], metrics["loss_dice"], metrics["loss_pilot"], metrics["lr"],
-                        metrics["images_per_s"], 100 * metrics["data_wait"], _format_eta(metrics["eta_s"]))
+                        metrics["images_per_s"], 100 * metrics["data_wait"], format_eta(metrics["eta_s"]))
                 if events:
                     events.add(done, metrics, prefix="train/")
                 window = _Window()
