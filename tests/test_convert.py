@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import pickle
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +31,8 @@ from mpformer_ray.train import (  # noqa: E402
     train_loop,
 )
 from mpformer_ray.train.checkpoint import CheckpointError, initial_weights  # noqa: E402
+from test_eval_predict import _job_main  # noqa: E402 (jobs/ by path: a module name could be taken)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "jobs"))
 
 torch.set_num_threads(2)
 ATOL = 1e-4
@@ -237,8 +236,6 @@ def small_hf(path: Path) -> None:
 
 
 def test_converted_checkpoint_trains_with_the_pilot_and_evaluates(tmp_path, capsys):
-    import convert_checkpoint
-    import evaluate
 
     from mpformer_ray.data.pipeline import local_batches
     from mpformer_ray.data.synthetic import ensure_synthetic
@@ -249,7 +246,7 @@ def test_converted_checkpoint_trains_with_the_pilot_and_evaluates(tmp_path, caps
     train_uri, val_uri = ensure_synthetic(cfg.data.synthetic)
     out = tmp_path / "m2f-r18.pth"
     overrides = [f"data.train={train_uri}", f"data.val={val_uri}", *TINY[:-1]]
-    assert convert_checkpoint.main(["--from", "hf", "--src", str(tmp_path / "hf"), "--config", "tiny",
+    assert _job_main("convert_checkpoint")(["--from", "hf", "--src", str(tmp_path / "hf"), "--config", "tiny",
                                     "--out", str(out), "--classes", train_uri, "--set", *overrides]) == 0
     printed = capsys.readouterr().out
     assert "from the source: model.dec_layers: 2 (config had 3)" in printed
@@ -257,7 +254,7 @@ def test_converted_checkpoint_trains_with_the_pilot_and_evaluates(tmp_path, caps
     converted = torch.load(out, weights_only=True)  # plain torch.load, as a user would
 
     # the converted checkpoint evaluates as it is
-    assert evaluate.main(["--checkpoint", str(out), "--max-images", "2", "--device", "cpu"]) == 0
+    assert _job_main("evaluate")(["--checkpoint", str(out), "--max-images", "2", "--device", "cpu"]) == 0
     assert "panoptic/PQ" in json.loads(capsys.readouterr().out)
 
     # a new run starts from it (pilot on: its label embedding is new) and trains
@@ -278,7 +275,7 @@ def test_converted_checkpoint_trains_with_the_pilot_and_evaluates(tmp_path, caps
     # three small AdamW steps from the converted weights, far from a fresh initialisation
     moved = (trained["model"][key] - converted["model"][key]).abs().max()
     assert 0 < moved < 0.01 < (fresh[key] - converted["model"][key]).abs().max()
-    assert evaluate.main(["--checkpoint", store.run_uri, "--max-images", "2", "--device", "cpu"]) == 0
+    assert _job_main("evaluate")(["--checkpoint", store.run_uri, "--max-images", "2", "--device", "cpu"]) == 0
     capsys.readouterr()
 
     # weights that do not fit the run's model are refused with the parameter and the fields to set, by the
@@ -293,19 +290,18 @@ def test_converted_checkpoint_trains_with_the_pilot_and_evaluates(tmp_path, caps
 
 
 def test_convert_from_and_to_s3(moto_server, tmp_path, capsys):
-    import convert_checkpoint
 
     small_hf(tmp_path / "hf")
     src = f"s3://{moto_server['bucket']}/released/m2f-r18"
     for name in ("config.json", "model.safetensors"):
         storage.write_bytes(storage.join(src, name), (tmp_path / "hf" / name).read_bytes())
     out = f"s3://{moto_server['bucket']}/weights/m2f-r18.pth"
-    assert convert_checkpoint.main(["--from", "hf", "--src", src, "--config", "tiny", "--out", out]) == 0
+    assert _job_main("convert_checkpoint")(["--from", "hf", "--src", src, "--config", "tiny", "--out", out]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     cfg = config_from_dict(load_checkpoint(out)["config"])
     cfg.model.weights = out
     assert "predictor.class_embed.weight" in initial_weights(cfg)
-    assert convert_checkpoint.main(["--from", "hf", "--src", src + "-missing", "--config", "tiny", "--out", out]) == 2
+    assert _job_main("convert_checkpoint")(["--from", "hf", "--src", src + "-missing", "--config", "tiny", "--out", out]) == 2
     assert "no config.json" in capsys.readouterr().err
 
 

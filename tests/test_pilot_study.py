@@ -4,6 +4,7 @@ writes them, and each trial's result.json as Tune logs the evaluations (one JSON
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -20,8 +21,10 @@ from mpformer_ray.tune import report
 from mpformer_ray.tune.space import load_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import pilot_study
+# by path, not through sys.path: benchmarks/ and jobs/ both hold scripts whose names could clash
+_spec = importlib.util.spec_from_file_location("pilot_study", ROOT / "benchmarks" / "pilot_study.py")
+pilot_study = sys.modules["pilot_study"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up there
+_spec.loader.exec_module(pilot_study)
 
 MAX_ITERS = 40
 # final PQ / AP / mIoU per (pilot, seed); at 25 % every value is 10 lower, at 50 % 5 lower
