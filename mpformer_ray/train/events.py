@@ -1,8 +1,9 @@
 """A run's curves for TensorBoard, in ``{storage.uri}/{run.name}/tensorboard/`` (local or s3://).
 
-Rank 0 writes TensorBoard event files with tensorboardX's event writer (Ray Tune ships it; its
-synchronous one: the SummaryWriter's thread does not drain its queue on flush) into a local directory, and copies them to the run directory through ``mpformer_ray.storage`` after every
-checkpoint and when training stops, so the curves live beside the checkpoints, through the same
+Rank 0 writes TensorBoard event files with tensorboardX's synchronous event writer (Ray Tune ships
+tensorboardX; its SummaryWriter's thread does not drain its queue on flush) into a local directory,
+and copies them to the run directory through ``mpformer_ray.storage`` after every checkpoint and
+when training stops, so the curves live beside the checkpoints, through the same
 endpoint and credentials, and a lost worker loses at most what it wrote since its last checkpoint.
 Each training attempt (a resume, a restart) writes a file of its own; TensorBoard draws them as one
 run. Tags: ``train/<name>`` for the training windows (losses, lr, images/s, data wait), the

@@ -33,7 +33,7 @@ from mpformer_ray.train.checkpoint import (  # noqa: E402
     initial_weights,
     run_uri,
 )
-from mpformer_ray.train.cluster import current_cluster, findings  # noqa: E402
+from mpformer_ray.train.cluster import current_cluster, findings, worker_bundle  # noqa: E402
 from mpformer_ray.train.failure import FailFast  # noqa: E402
 from mpformer_ray.train.loop import train_loop  # noqa: E402
 
@@ -256,8 +256,7 @@ def build_trainer(plan: TrainPlan, callbacks: list | None = None) -> ray.train.t
             "job": plan.job,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=t.workers, use_gpu=t.use_gpu,
-            resources_per_worker={**t.worker_resources, "CPU": t.cpus_per_worker}),
+            num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=worker_bundle(t)),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
             storage_path=path,
