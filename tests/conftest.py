@@ -99,6 +99,18 @@ def upload_records(local: str, uri: str) -> str:
     return uri
 
 
+def synthetic_on_s3(root: Path, uri: str, num_train: int = 16, num_val: int = 4) -> dict[str, str]:
+    """The synthetic dataset (64 px images) generated under ``root`` and uploaded to ``uri``/train and
+    ``uri``/val: {"train": URI, "val": URI}."""
+    from mpformer_ray.config import load_config
+    from mpformer_ray.data.synthetic import ensure_synthetic
+
+    cfg = load_config("tiny", [f"data.synthetic.root={root}", f"data.synthetic.num_train={num_train}",
+                               f"data.synthetic.num_val={num_val}", "data.synthetic.image_size=64"])
+    return {split: upload_records(local, f"{uri}/{split}")
+            for split, local in zip(("train", "val"), ensure_synthetic(cfg.data.synthetic))}
+
+
 def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     try:

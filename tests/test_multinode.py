@@ -23,11 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_MODEL, VENV_BIN, client_env, free_ports, session_pids, started_ray_head, upload_records
+from conftest import TINY_MODEL, VENV_BIN, client_env, free_ports, session_pids, started_ray_head, synthetic_on_s3
 
 from mpformer_ray import storage
-from mpformer_ray.config import load_config
-from mpformer_ray.data.synthetic import ensure_synthetic
 from mpformer_ray.train import latest_checkpoint, load_checkpoint
 from mpformer_ray.train.checkpoint import CheckpointStore
 
@@ -39,11 +37,7 @@ MAX_ITERS, PERIOD = 30, 10
 
 @pytest.fixture(scope="module")
 def s3_data(moto_server, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("synthetic")
-    cfg = load_config("tiny", [f"data.synthetic.root={root}", "data.synthetic.num_train=16",
-                               "data.synthetic.num_val=4", "data.synthetic.image_size=64"])
-    uris = {split: upload_records(local, f"s3://{moto_server['bucket']}/multinode/{split}")
-            for split, local in zip(("train", "val"), ensure_synthetic(cfg.data.synthetic))}
+    uris = synthetic_on_s3(tmp_path_factory.mktemp("synthetic"), f"s3://{moto_server['bucket']}/multinode")
     return {**uris, "storage": f"s3://{moto_server['bucket']}/multinode/runs"}
 
 

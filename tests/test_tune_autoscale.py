@@ -25,11 +25,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY_MODEL, client_env, free_ports, started_ray_head, upload_records
+from conftest import TINY_MODEL, client_env, free_ports, started_ray_head, synthetic_on_s3
 
 from mpformer_ray import storage
-from mpformer_ray.config import load_config
-from mpformer_ray.data.synthetic import ensure_synthetic
 
 pytestmark = pytest.mark.slow
 
@@ -91,10 +89,8 @@ def _nodes(head: dict) -> list[dict]:
 
 
 def test_sweep_scales_the_cluster_up_and_down(autoscaling_head, moto_server, tmp_path):
-    cfg = load_config("tiny", [f"data.synthetic.root={tmp_path / 'synthetic'}", "data.synthetic.num_train=8",
-                               "data.synthetic.num_val=2", "data.synthetic.image_size=64"])
-    data = {split: upload_records(local, f"s3://{moto_server['bucket']}/autoscale-data/{split}")
-            for split, local in zip(("train", "val"), ensure_synthetic(cfg.data.synthetic))}
+    data = synthetic_on_s3(tmp_path / "synthetic", f"s3://{moto_server['bucket']}/autoscale-data", num_train=8,
+                           num_val=2)
     space = tmp_path / "sweep.yaml"
     space.write_text(SWEEP)
 

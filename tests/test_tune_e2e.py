@@ -23,11 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY_MODEL, client_env, upload_records
+from conftest import TINY_MODEL, client_env, synthetic_on_s3
 
 from mpformer_ray import storage
-from mpformer_ray.config import load_config
-from mpformer_ray.data.synthetic import ensure_synthetic
 from mpformer_ray.train import load_checkpoint
 from mpformer_ray.train.checkpoint import CheckpointStore
 
@@ -62,11 +60,7 @@ points_to_evaluate:
 
 @pytest.fixture(scope="module")
 def s3_sweep(moto_server, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("synthetic")
-    cfg = load_config("tiny", [f"data.synthetic.root={root}", "data.synthetic.num_train=16",
-                               "data.synthetic.num_val=4", "data.synthetic.image_size=64"])
-    uris = {split: upload_records(local, f"s3://{moto_server['bucket']}/sweep-data/{split}")
-            for split, local in zip(("train", "val"), ensure_synthetic(cfg.data.synthetic))}
+    uris = synthetic_on_s3(tmp_path_factory.mktemp("synthetic"), f"s3://{moto_server['bucket']}/sweep-data")
     space = tmp_path_factory.mktemp("space") / "sweep.yaml"
     space.write_text(SWEEP)
     return {**uris, "storage": f"s3://{moto_server['bucket']}/sweeps", "space": str(space)}
