@@ -104,7 +104,7 @@ def main() -> None:
     import ray
     import torch
 
-    from mpformer_ray.data.pipeline import build_dataset, iter_batches, local_batches
+    from mpformer_ray.data.pipeline import build_train_stream, local_batches, stream_batches
 
     torch.set_num_threads(1)
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -119,9 +119,9 @@ def main() -> None:
     for crop in args.crops:
         cfg = load_config("r50", ["data.augmentation=lsj", f"data.crop_size=[{crop},{crop}]", "data.min_scale=0.1",
                                   "data.max_scale=2.0", f"data.cpus_per_task={args.cpus_per_task}"])
-        ds = build_dataset(uri, cfg, train=True)
-        # no local shuffle buffer: its fill-up and final drain would distort the short timing window
-        ray_run = timed(epochs(lambda e: iter_batches(ds, args.batch_size, epoch=e, shuffle=False), args.epochs))
+        # all --epochs in one stream (it covers images [0, stop) and one epoch more), as training reads it
+        ds = build_train_stream(uri, cfg, start=0, stop=(args.epochs - 1) * args.images)
+        ray_run = timed(batch for _, batch in stream_batches(ds, args.batch_size))
         torch_run = timed(epochs(lambda e: local_batches(uri, cfg, args.batch_size, seed=0, epoch=e,
                                                          num_workers=args.cpus), args.epochs))
         for name, run in (("ray_data", ray_run), ("dataloader", torch_run)):

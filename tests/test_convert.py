@@ -237,7 +237,7 @@ def small_hf(path: Path) -> None:
 
 def test_converted_checkpoint_trains_with_the_pilot_and_evaluates(tmp_path, capsys):
 
-    from mpformer_ray.data.pipeline import local_batches
+    from mpformer_ray.data.pipeline import local_stream
     from mpformer_ray.data.synthetic import ensure_synthetic
 
     small_hf(tmp_path / "hf")
@@ -265,7 +265,7 @@ def test_converted_checkpoint_trains_with_the_pilot_and_evaluates(tmp_path, caps
     classes = json.loads(storage.read_bytes(storage.join(train_uri, "manifest.json")))["classes"]
     model = build_model(run_cfg)
     reports: list[dict] = []
-    train_loop(model, lambda epoch: local_batches(train_uri, run_cfg, 2, seed=0, epoch=epoch), run_cfg,
+    train_loop(model, lambda start: local_stream(train_uri, run_cfg, 2, start), run_cfg,
                reports.append, store, classes=classes)
     assert reports and all(np.isfinite(r["loss"]) for r in reports) and reports[-1]["loss_pilot"] > 0
     trained = load_checkpoint(latest_checkpoint(store.run_uri))

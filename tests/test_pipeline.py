@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 
 import numpy as np
@@ -11,7 +12,7 @@ from scipy import ndimage
 
 from mpformer_ray.config import DataConfig, load_config
 from mpformer_ray.data.coco import convert_coco
-from mpformer_ray.data.pipeline import RecordsStream, build_dataset, iter_batches, local_batches
+from mpformer_ray.data.pipeline import RecordsStream, Units, build_train_stream, local_batches, stream_batches
 from mpformer_ray.data.transforms import PIXEL_MEAN, PIXEL_STD, augment, augment_rng, eval_transform, normalize
 
 COLOURS = {0: (230, 20, 20), 1: (20, 230, 20), 2: (20, 20, 230)}
@@ -178,7 +179,7 @@ def collect(batches) -> dict[int, torch.Tensor]:
 
 def test_local_batches_cover_every_image_once_per_epoch(records):
     cfg = load_config("tiny", TINY)
-    ids = {s["image_id"] for s in RecordsStream(records, cfg.data, shuffle=False)}
+    ids = {s["image_id"] for s in RecordsStream(records, cfg.data, shuffle=False, stop=12)}
     assert len(ids) == 12
     epoch0 = collect(local_batches(records, cfg, 5, seed=0, epoch=0))
     again = collect(local_batches(records, cfg, 3, seed=0, epoch=0))
@@ -188,16 +189,37 @@ def test_local_batches_cover_every_image_once_per_epoch(records):
     assert sum(not torch.equal(epoch0[i], epoch1[i]) for i in ids) >= 10
 
 
-def test_streaming_split_feeds_two_consumers(records, ray_local):
+def test_the_stream_starts_anywhere_and_goes_on_across_epochs(records):
     cfg = load_config("tiny", TINY)
-    splits = build_dataset(records, cfg, train=True).streaming_split(2, equal=True)
-    seen: dict[tuple[int, int], dict] = {}
+    units = Units.open(records, seed=3)
+    assert units.num_images == 12 and len(units.paths) == 3  # shards of 5, 5, 2
+    assert [e for e, _, _ in units.work(0, 36)] == [0] * 3 + [1] * 3 + [2] * 3
+    # 25 images from the start, and from image 7 (mid-shard: a checkpoint's position): the same tail
+    whole = [(s["epoch"], s["image_id"], s["image"]) for s in RecordsStream(records, cfg.data, seed=3, stop=25)]
+    tail = [(s["epoch"], s["image_id"], s["image"]) for s in RecordsStream(records, cfg.data, seed=3, start=7, stop=25)]
+    assert len(whole) == 25 and len(tail) == 18
+    assert all(a[:2] == b[:2] and np.array_equal(a[2], b[2]) for a, b in zip(whole[7:], tail))
+    # each epoch: every image once, in a new order
+    epochs = [[i for e, i, _ in whole if e == k] for k in (0, 1)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted({i for _, i, _ in whole}) and epochs[0] != epochs[1]
+
+
+def _signatures(batches) -> list[tuple[int, bytes]]:
+    """(image id, hash of its augmented pixels) of every image, sorted."""
+    return sorted((int(t["image_id"]), hashlib.sha256(x.numpy().tobytes()).digest())
+                  for images, targets in batches for x, t in zip(images, targets))
+
+
+def test_streaming_split_feeds_two_consumers_epoch_after_epoch(records, ray_local):
+    cfg = load_config("tiny", TINY)
+    # images [0, 24) and one epoch more: 3 epochs of 12 in one execution
+    splits = build_train_stream(records, cfg, start=0, stop=24).streaming_split(2, equal=True)
+    seen: dict[int, list] = {}
     errors = []
 
     def consume(rank: int) -> None:
         try:
-            for epoch in range(2):
-                seen[rank, epoch] = collect(iter_batches(splits[rank], 4, epoch=epoch))
+            seen[rank] = list(stream_batches(splits[rank], 4, seed=rank))
         except Exception as e:  # surfaced below; a thread's exception would otherwise vanish
             errors.append(e)
 
@@ -208,15 +230,18 @@ def test_streaming_split_feeds_two_consumers(records, ray_local):
         t.join(timeout=240)
     assert not errors, errors
     assert not any(t.is_alive() for t in threads), "streaming_split consumers hung"
-    for epoch in range(2):
-        a, b = seen[0, epoch], seen[1, epoch]
-        assert len(a) == len(b) == 6 and not set(a) & set(b)
-    # the Ray path augments exactly like the local one for the same (seed, epoch, image)
-    for epoch in range(2):
-        local = collect(local_batches(records, cfg, 4, seed=cfg.train.seed, epoch=epoch))
-        ray_images = {**seen[0, epoch], **seen[1, epoch]}
-        assert set(ray_images) == set(local)
-        assert all(torch.equal(ray_images[i], local[i]) for i in local)
+    for rank in range(2):
+        batches = [batch for _, batch in seen[rank]]
+        for x, ts in batches:  # the batch format (an image may come twice: from two epochs)
+            for i, t in enumerate(ts):
+                collect([(x[i:i + 1], [t])])
+        assert sum(len(ts) for _, ts in batches) == 18
+        # shards come as Ray finishes them, so epochs next to each other interleave a little
+        assert {epoch for epoch, _ in seen[rank]} <= {0, 1, 2}
+    # together: each image once per epoch, augmented exactly as the local path does for that epoch
+    ray_images = _signatures(batch for rank in range(2) for _, batch in seen[rank])
+    local = _signatures(b for epoch in range(3) for b in local_batches(records, cfg, 4, seed=cfg.train.seed, epoch=epoch))
+    assert ray_images == local
 
 
 def test_s3_records_through_moto(synthetic_coco, moto_server, ray_local):
@@ -225,11 +250,5 @@ def test_s3_records_through_moto(synthetic_coco, moto_server, ray_local):
     cfg = load_config("tiny", TINY)
     local = collect(local_batches(uri, cfg, 4, seed=cfg.train.seed, epoch=0))
     assert len(local) == 12
-    ds = build_dataset(uri, cfg, train=True)
-    remote = collect(iter_batches(ds, 4, epoch=0))
+    remote = collect(batch for _, batch in stream_batches(build_train_stream(uri, cfg, start=0, stop=0), 4))
     assert set(remote) == set(local) and all(torch.equal(remote[i], local[i]) for i in local)
-    evaluation = list(iter_batches(build_dataset(uri, cfg, train=False), 4, shuffle=False))
-    sizes = [tuple(t["orig_size"].tolist()) for _, ts in evaluation for t in ts]
-    assert sizes == [(64, 64)] * 12
-    # tiny's eval resize: short side 128, long side <= 128
-    assert all(x.shape[-2:] == (128, 128) for x, _ in evaluation)

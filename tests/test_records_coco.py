@@ -337,7 +337,7 @@ def test_truncated_shard_names_the_file_and_the_fix(synthetic_coco, tmp_path):
     readers = {
         "read_records": lambda: list(read_records(str(out))),
         "evaluation": lambda: list(shard_records(str(out), 0, 1)),
-        "local_batches": lambda: next(local_batches(str(out), cfg, 2)),
+        "local_batches": lambda: list(local_batches(str(out), cfg, 2)),
         "check_shards": lambda: check_shards(str(out)),
         "preflight": lambda: preflight(cfg),
     }

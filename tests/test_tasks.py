@@ -76,13 +76,13 @@ def test_validation_split_without_the_main_task_is_refused(splits, tmp_path):
 
 
 def test_an_evaluation_without_the_main_metric_is_an_error(splits, tmp_path):
-    from mpformer_ray.data.pipeline import local_batches
+    from mpformer_ray.data.pipeline import local_stream
 
     cfg = run_cfg(splits, tmp_path, "train.max_iters=1", "train.batch_size=1", "model.train_num_points=256",
                   "data.crop_size=[64,64]")
     classes = read_manifest(splits["train"])["classes"]
     torch.manual_seed(0)
     with pytest.raises(ConfigError, match=r"gave no panoptic/PQ.*\['sem_seg/mIoU'\].*model\.test\.\*_on"):
-        train_loop(build_model(cfg), lambda epoch: local_batches(splits["train"], cfg, 1, seed=0, epoch=epoch), cfg,
+        train_loop(build_model(cfg), lambda start: local_stream(splits["train"], cfg, 1, start), cfg,
                    lambda metrics: None, CheckpointStore(str(tmp_path / "runs" / "tasks"), None), classes=classes,
                    evaluate=lambda model: {"sem_seg/mIoU": 50.0}, main_metric="panoptic/PQ")

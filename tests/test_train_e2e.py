@@ -145,6 +145,10 @@ def test_killed_interrupted_and_failing_run_loses_nothing(s3_data, tmp_path):
     ckpt = load_checkpoint(latest_checkpoint(run))
     # every attempt began at the checkpoint the previous one left: the restarted workers at 30
     assert ckpt["iteration"] == 40 and ckpt["starts"] == [0, killed_at, intact_at, 30]
+    # and each read the data stream on from where its checkpoint left it (2 workers x batch 2 per iteration)
+    assert ckpt["data"]["images"] == 40 * 4
+    for at in (intact_at, 30):
+        assert f"the stream of {s3_data['train']} from image {at * 4}" in out, out[-5000:]
     names = [n for n in storage.listdir(store.dir) if n.endswith(".pth")]
     assert names == ["model_0000035.pth", "model_0000040.pth"]
     # metrics reached the driver through ray.train.report

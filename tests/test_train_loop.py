@@ -19,7 +19,7 @@ import torch
 from mpformer_ray import storage
 from mpformer_ray.amp import resolve_amp
 from mpformer_ray.config import load_config
-from mpformer_ray.data.pipeline import local_batches
+from mpformer_ray.data.pipeline import local_stream
 from mpformer_ray.data.synthetic import ensure_synthetic
 from mpformer_ray.model import build_model
 from mpformer_ray.train import (
@@ -63,14 +63,12 @@ def tiny_cfg(records: dict, tmp_path: Path, *overrides: str):
 
 def run_loop(cfg, records: dict, store: CheckpointStore, reports: list | None = None,
              resume_from: str | None = None) -> dict:
-    from mpformer_ray.data.pipeline import local_batches
-
     torch.manual_seed(0)
     model = build_model(cfg)
     classes = json.loads(storage.read_bytes(storage.join(records["train"], "manifest.json")))["classes"]
     return train_loop(
         model,
-        lambda epoch: local_batches(records["train"], cfg, cfg.train.batch_size, seed=0, epoch=epoch),
+        lambda start: local_stream(records["train"], cfg, cfg.train.batch_size, start),
         cfg, (reports if reports is not None else []).append, store, classes=classes, resume_from=resume_from)
 
 
@@ -132,7 +130,8 @@ def test_loop_trains_checkpoints_and_resumes(records, tmp_path, caplog):
     ckpt = torch.load(uri, weights_only=True)  # plain torch.load, as a user would
     assert ckpt["iteration"] == 4 and ckpt["starts"] == [0]
     assert ckpt["config"]["train"]["max_iters"] == 4 and ckpt["classes"][0]["name"]
-    assert ckpt["data"]["epoch"] * 4 + ckpt["data"]["batches"] == 4  # 8 images / batch 2 = 4 batches per epoch
+    # the position in the data stream: 4 batches of 2 = the 8 images of epoch 0
+    assert ckpt["data"] == {"epoch": 0, "images": 8} == store.pointer()["data"]
     steps = {s["step"].item() for s in ckpt["optimizer"]["state"].values()}
     assert steps == {4.0}
 
@@ -144,6 +143,7 @@ def test_loop_trains_checkpoints_and_resumes(records, tmp_path, caplog):
     assert [r["iteration"] for r in reports] == [6]
     resumed = load_checkpoint(latest_checkpoint(store.run_uri))
     assert resumed["iteration"] == 6 and resumed["starts"] == [0, 4]
+    assert resumed["data"] == {"epoch": 1, "images": 12}  # went on with epoch 1, not epoch 0 again
     assert {s["step"].item() for s in resumed["optimizer"]["state"].values()} == {6.0}
     assert resumed["scheduler"]["last_epoch"] == 6
 
@@ -201,7 +201,7 @@ def test_evaluations_reach_tensorboard_and_a_failed_run_keeps_its_curves(records
 
     torch.manual_seed(0)
     with pytest.raises(RuntimeError, match="evaluation failed"):
-        train_loop(build_model(cfg), lambda e: local_batches(records["train"], cfg, cfg.train.batch_size, epoch=e),
+        train_loop(build_model(cfg), lambda start: local_stream(records["train"], cfg, cfg.train.batch_size, start),
                    cfg, lambda m: None, store, classes=classes, evaluate=evaluate)
     curves = read_scalars(store.run_uri)
     assert curves["sem_seg/mIoU"] == {2: 12.5}  # NaN (an empty AP bucket) and counters are no curves

@@ -91,7 +91,12 @@ def _saved_statuses(sweep_uri: str) -> dict[str, str]:
     names = sorted(n for n in storage.listdir(sweep_uri) if n.startswith("experiment_state-"))
     if not names:
         return {}
-    state = json.loads(storage.read_bytes(storage.join(sweep_uri, names[-1])))
+    try:
+        state = json.loads(storage.read_bytes(storage.join(sweep_uri, names[-1])))
+    except json.JSONDecodeError:
+        # Tune rewrites its state file in place while a background upload may still be reading
+        # the previous one, so a copy can be cut short (seen in CI); the next save completes it
+        return {}
     return {(trial := json.loads(js))["trial_id"]: trial["status"] for js, _ in state["trial_data"]}
 
 

@@ -4,7 +4,8 @@ Layout under a run directory ``{storage.uri}/{run.name}``::
 
     checkpoints/model_0000100.pth   torch.save of a dict of tensors / primitives only
     checkpoints/model_0000200.pth
-    checkpoints/latest.json         {"latest": "model_0000200.pth", "iteration": 200, "best": ..., "metrics": ...}
+    checkpoints/latest.json         {"latest": "model_0000200.pth", "iteration": 200, "best": ..., "metrics": ...,
+                                     "data": ..., "job": ...}
 
 The checkpoint object is written first and the small ``latest.json`` pointer last, so an
 upload that dies half-way never becomes the latest. Retention keeps the newest
@@ -16,7 +17,8 @@ damaged file) the newest intact ``model_*.pth``, with a warning. A run never sta
 over checkpoints it did not write.
 
 A checkpoint dict holds: ``model``, ``optimizer``, ``scheduler``, ``scaler`` (state dicts),
-``iteration``, ``config`` (``Config.to_dict()``), ``data`` ({"epoch", "batches"} consumed),
+``iteration``, ``config`` (``Config.to_dict()``), ``data`` ({"images": trained on by all ranks, the
+position in the data stream; "epoch": the last batch's}, also in ``latest.json``),
 ``classes`` (the manifest's class list), ``best`` ({"metric", "value", "iteration"} or None),
 ``starts`` (iterations at which each training attempt began: resume history), ``metrics``
 (those reported at that iteration; also copied into ``latest.json`` for the driver's summary).
@@ -142,14 +144,19 @@ class CheckpointStore:
         """The ``model_*.pth`` names in the checkpoint directory, oldest first."""
         return sorted((n for n in storage.listdir(self.dir, self.endpoint_url) if _NAME.match(n)), key=_iteration)
 
-    def job_latest(self) -> str | None:
-        """The latest checkpoint when this store's job saved it, else None: a worker group Ray
-        restarts resumes there, not at the checkpoint the driver chose when the job began."""
+    def job_pointer(self) -> dict | None:
+        """``latest.json`` when this store's job wrote it, else None: a worker group Ray restarts
+        resumes there, not at the checkpoint the driver chose when the job began."""
         try:
             pointer = self.pointer()
         except CheckpointError:  # pointer writes are atomic: a damaged one is not this job's
             return None
-        return storage.join(self.dir, pointer["latest"]) if pointer and pointer.get("job") == self.job else None
+        return pointer if pointer and pointer.get("job") == self.job else None
+
+    def job_latest(self) -> str | None:
+        """The checkpoint ``job_pointer`` names, else None."""
+        pointer = self.job_pointer()
+        return storage.join(self.dir, pointer["latest"]) if pointer else None
 
     def find_resume(self) -> tuple[str, dict] | None:
         """(uri, checkpoint dict) to resume from: the one ``latest.json`` names, else the newest
@@ -218,7 +225,7 @@ class CheckpointStore:
             # evaluation is checkpointed, and retention must keep that file
             best = {"checkpoint": checkpoint_name(state["best"]["iteration"]), **state["best"]}
         pointer = {"latest": name, "iteration": iteration, "best": best, "metrics": state.get("metrics", {}),
-                   "job": self.job}
+                   "data": state.get("data", {}), "job": self.job}
         pointer_uri = storage.join(self.dir, LATEST)
         data = json.dumps(_finite(pointer), indent=1, allow_nan=False).encode()
         _retry(lambda: storage.write_bytes(pointer_uri, data, self.endpoint_url), pointer_uri,
@@ -348,10 +355,18 @@ def initial_weights(cfg: Config, endpoint_url: str | None = None) -> dict[str, t
     return {k: v for k, v in weights.items() if k in expected}
 
 
-def check_resume(cfg: Config, classes: list[dict], endpoint_url: str | None = None) -> str | None:
-    """The checkpoint a training run of ``cfg`` resumes from (None: a new run), checked on the driver
-    before any worker starts: readable (see ``CheckpointStore.find_resume``) and fitting ``cfg``'s
-    model and the dataset's ``classes``. CheckpointError naming the file, what differs and the fix."""
+def images_done(saved: dict, cfg: Config) -> int:
+    """Images all ranks trained on up to a checkpoint (``saved``: the checkpoint or its ``latest.json``
+    entry). Checkpoints that predate the count: their iterations x ``cfg``'s images per iteration."""
+    images = saved.get("data", {}).get("images")
+    return int(images) if images is not None else saved["iteration"] * cfg.train.batch_size * cfg.train.workers
+
+
+def check_resume(cfg: Config, classes: list[dict], endpoint_url: str | None = None) -> tuple[str, int] | None:
+    """The checkpoint a training run of ``cfg`` resumes from and its ``images_done`` (None: a new run),
+    checked on the driver before any worker starts: readable (see ``CheckpointStore.find_resume``) and
+    fitting ``cfg``'s model and the dataset's ``classes``. CheckpointError naming the file, what
+    differs and the fix."""
     found = CheckpointStore(run_uri(cfg), endpoint_url).find_resume()
     if not found:
         return None
@@ -364,7 +379,7 @@ def check_resume(cfg: Config, classes: list[dict], endpoint_url: str | None = No
         raise CheckpointError(
             f"{uri} does not fit this config ({'; '.join(problems)}). Fix: set another run.name to train this "
             "config from scratch, or set those fields back to resume this run")
-    return uri
+    return uri, images_done(ckpt, cfg)
 
 
 def load_model(uri: str, device: str | torch.device = "cpu",

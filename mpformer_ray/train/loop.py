@@ -1,9 +1,9 @@
 """The training loop: one plain function, runnable without Ray.
 
 Ray Train's per-worker function (``trainer.py``) adapts Ray's pieces to this loop's
-arguments: the DDP-wrapped model, a per-epoch batch iterator over the worker's Ray
-Data shard, ``ray.train.report`` as the reporter and a CheckpointStore. Tests call it
-directly with ``local_batches`` and a local directory.
+arguments: the DDP-wrapped model, the batches of the worker's Ray Data shard,
+``ray.train.report`` as the reporter and a CheckpointStore. Tests call it directly with
+``local_stream`` and a local directory.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +23,7 @@ from mpformer_ray.amp import resolve_amp
 from mpformer_ray.config import Config, ConfigError
 from mpformer_ray.log import format_eta
 from mpformer_ray.model.criterion import total_loss
-from mpformer_ray.train.checkpoint import CheckpointStore, initial_weights, load_checkpoint
+from mpformer_ray.train.checkpoint import CheckpointStore, images_done, initial_weights, load_checkpoint
 from mpformer_ray.train.events import EventLog
 from mpformer_ray.train.optim import build_optimizer, build_scheduler
 
@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 # (images [B, 3, H, W] float normalised, targets: B x {"labels": int64 [n], "masks": bool [n, H, W]})
 Batch = tuple[torch.Tensor, list[dict[str, torch.Tensor]]]
-EpochBatches = Callable[[int], Iterable[Batch]]
+# images all ranks together trained on before this attempt -> this rank's (epoch, batch) from there on
+Stream = Callable[[int], Iterable[tuple[int, Batch]]]
 Reporter = Callable[[dict[str, float]], None]
 Evaluate = Callable[[nn.Module], dict[str, float]]
 
@@ -64,21 +65,6 @@ def _maybe_inject_fault(cfg: Config, store: CheckpointStore, iteration: int, ran
     log.warning("train.fail_at_iter=%d: killing this worker (fault injection)", iteration)
     logging.shutdown()
     os._exit(1)
-
-
-def _batches(epoch_batches: EpochBatches, epoch: int, skip: int) -> Iterator[tuple[int, int, Batch]]:
-    """Endless (epoch, batches consumed in that epoch, batch), starting after ``skip`` batches
-    of ``epoch`` (the data position saved in a checkpoint)."""
-    while True:
-        seen = 0
-        for batch in epoch_batches(epoch):
-            seen += 1
-            if seen > skip:
-                yield epoch, seen, batch
-        if seen == 0:
-            raise RuntimeError(f"the training data yielded no batches in epoch {epoch}: give data.train at "
-                               "least train.workers x train.batch_size images")
-        epoch, skip = epoch + 1, 0
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -163,12 +149,11 @@ class _Optimization:
 
 @dataclass
 class _Progress:
-    """Where a run stands: the next iteration, the data position (epoch, batches consumed in it), the
+    """Where a run stands: the next iteration, the data position (images all ranks trained on), the
     best evaluation so far, the iterations each attempt began at, and the last checkpoint's metrics."""
 
     start: int = 0
-    epoch: int = 0
-    skip: int = 0
+    images: int = 0
     best: dict | None = None
     starts: list[int] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
@@ -180,11 +165,11 @@ def _start(opt: _Optimization, cfg: Config, store: CheckpointStore, resume_from:
     if resume_from:
         ckpt = load_checkpoint(resume_from, store.endpoint_url)
         opt.load(ckpt)
-        progress = _Progress(ckpt["iteration"], ckpt["data"]["epoch"], ckpt["data"]["batches"], ckpt["best"],
-                             list(ckpt["starts"]), dict(ckpt["metrics"]))
+        progress = _Progress(ckpt["iteration"], images_done(ckpt, cfg), ckpt["best"], list(ckpt["starts"]),
+                             dict(ckpt["metrics"]))
         if rank == 0:
-            log.info("resuming from %s at iteration %d (epoch %d, %d batches in)", resume_from, progress.start,
-                     progress.epoch, progress.skip)
+            log.info("resuming from %s at iteration %d (image %d of the data stream)", resume_from,
+                     progress.start, progress.images)
     elif cfg.model.weights:
         # a new run starting from given weights (e.g. converted Mask2Former ones); a resumed run has its own
         opt.core.load_state_dict(initial_weights(cfg, store.endpoint_url), strict=False)
@@ -218,7 +203,7 @@ def _evaluate(opt: _Optimization, evaluate: Evaluate, done: int, main_metric: st
 
 def train_loop(
     model: nn.Module,
-    epoch_batches: EpochBatches,
+    stream: Stream,
     cfg: Config,
     reporter: Reporter,
     store: CheckpointStore,
@@ -237,7 +222,9 @@ def train_loop(
     Args:
         model: the MP-Former, possibly DDP-wrapped; ``model(images, targets)`` returns a dict
             of already-weighted scalar losses.
-        epoch_batches: ``epoch -> iterable of (images [B, 3, H, W], targets)`` for this rank.
+        stream: ``images already trained on -> iterable of (epoch, (images [B, 3, H, W], targets))`` for
+            this rank, from that position of the data stream on (``pipeline.Units``); it may end
+            only after ``train.max_iters``.
         reporter: called with the metrics of every log period / evaluation (all ranks call it
             the same number of times: Ray's ``report`` is a barrier).
         store: where checkpoints go (rank 0 writes).
@@ -268,12 +255,16 @@ def train_loop(
     events = EventLog(store.run_uri, store.endpoint_url) if rank == 0 else None
     try:
         images_per_iter = t.batch_size * world_size
-        batches = _batches(epoch_batches, progress.epoch, progress.skip)
+        batches = iter(stream(progress.images))
         window, last = _Window(), {}
         model.train()
         tick = time.perf_counter()
         for it in range(progress.start, t.max_iters):
-            epoch, consumed, batch = next(batches)
+            try:
+                epoch, batch = next(batches)
+            except StopIteration:
+                raise RuntimeError(f"the training data ended at iteration {it} of {t.max_iters}") from None
+            progress.images += images_per_iter
             images, targets = _to_device(batch, device)
             got_data = time.perf_counter()
             losses = opt.step(images, targets, it, t.clip_grad)
@@ -308,7 +299,7 @@ def train_loop(
             # checkpoint after every evaluation too, so the best-by-metric model is always on storage
             if rank == 0 and (done % t.checkpoint_period == 0 or evaluating or done == t.max_iters):
                 state = {**opt.state(), "metrics": {"iteration": done, **metrics}, "iteration": done,
-                         "config": cfg.to_dict(), "data": {"epoch": epoch, "batches": consumed},
+                         "config": cfg.to_dict(), "data": {"epoch": epoch, "images": progress.images},
                          "classes": classes, "best": progress.best, "starts": progress.starts}
                 log.info("saved checkpoint %s", store.save(state, is_best=is_best))
                 if events:

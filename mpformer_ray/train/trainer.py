@@ -8,6 +8,7 @@ an environment that turned it off cannot silently switch APIs).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import uuid
@@ -27,6 +28,7 @@ from mpformer_ray.log import setup_logging  # noqa: E402
 from mpformer_ray.data.records import DataError, check_shards, read_manifest  # noqa: E402
 from mpformer_ray.tasks import main_metric, main_task, tasks_for  # noqa: E402
 from mpformer_ray.train.checkpoint import (  # noqa: E402
+    images_done,
     CheckpointError,
     CheckpointStore,
     check_resume,
@@ -54,6 +56,7 @@ class TrainPlan:
     classes: list[dict]
     tasks: list[str]  # mpformer_ray.tasks.tasks_for the training split and model.test
     resume_from: str | None = None  # the checkpoint the workers start from, checked on the driver
+    resume_images: int = 0  # where in the data stream it left off (checkpoint.images_done)
     # marks this job's checkpoints in latest.json: restarted workers resume from its own newest one
     job: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -155,7 +158,7 @@ def preflight(cfg: Config) -> TrainPlan:
         cfg.model.thing_classes = [c["id"] for c in classes if c["isthing"]]
     tasks = _run_tasks(cfg, train, val)
     try:
-        resume_from = check_resume(cfg, classes, endpoint)
+        resume_from, resume_images = check_resume(cfg, classes, endpoint) or (None, 0)
     except CheckpointError as e:
         raise PreflightError(str(e)) from None
     if not resume_from and cfg.model.weights:
@@ -172,7 +175,7 @@ def preflight(cfg: Config) -> TrainPlan:
             "storage.uri at a writable directory or bucket (and storage.endpoint_url / AWS_ENDPOINT_URL "
             "at the S3 service)") from None
     return TrainPlan(cfg=cfg, run_uri=run, endpoint_url=endpoint, classes=classes, tasks=tasks,
-                     resume_from=resume_from)
+                     resume_from=resume_from, resume_images=resume_images)
 
 
 def _quiet_ray_report_log() -> None:
@@ -187,7 +190,7 @@ def _quiet_ray_report_log() -> None:
 
 def train_worker(config: dict) -> None:
     """Ray Train's per-worker function: adapts Ray's model / data / report to ``train_loop``."""
-    from mpformer_ray.data.pipeline import iter_batches
+    from mpformer_ray.data.pipeline import stream_batches
     from mpformer_ray.evaluation.runner import evaluate_model
     from mpformer_ray.model import build_model
 
@@ -214,7 +217,9 @@ def train_worker(config: dict) -> None:
 
     train_loop(
         model,
-        lambda epoch: iter_batches(shard, cfg.train.batch_size, epoch=epoch, device=device),
+        # the shard starts where this attempt resumes (train_stream), so the position needs no skipping
+        lambda start: stream_batches(shard, cfg.train.batch_size, seed=cfg.train.seed + rank, device=device,
+                                     size_divisibility=cfg.model.size_divisibility),
         cfg,
         ray.train.report,
         store,
@@ -229,20 +234,37 @@ def train_worker(config: dict) -> None:
     )
 
 
+def _quiet_ray_data() -> None:
+    """Ray Data's progress bars and execution plan, which would bury the training log (it reports
+    throughput and data wait itself)."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
+def train_stream(plan: TrainPlan):
+    """The Ray Dataset an attempt of ``plan`` trains on: the data stream from where the attempt
+    resumes (this job's newest checkpoint after a restart, else the driver's choice) to
+    ``train.max_iters``. Ray Train calls it in its controller at every worker-group start."""
+    from mpformer_ray.data.pipeline import build_train_stream
+
+    setup_logging()
+    _quiet_ray_data()
+    cfg = plan.cfg
+    pointer = CheckpointStore(plan.run_uri, plan.endpoint_url, job=plan.job).job_pointer()
+    start = images_done(pointer, cfg) if pointer else plan.resume_images
+    stop = cfg.train.max_iters * cfg.train.batch_size * cfg.train.workers
+    log.info("training data: the stream of %s from image %d", cfg.data.train, start)
+    return build_train_stream(cfg.data.train, cfg, start=start, stop=stop, endpoint_url=plan.endpoint_url)
+
+
 def build_trainer(plan: TrainPlan, callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
     """A TorchTrainer for ``plan``: ``train.workers`` DDP workers, each with
     ``train.cpus_per_worker`` CPUs (and a GPU when ``train.use_gpu``), restarted up to
     ``train.max_failures`` times unless the error is one no restart fixes (``failure.FailFast``),
     Ray's run files under the run directory."""
-    from mpformer_ray.data.pipeline import build_dataset
-
     cfg, t = plan.cfg, plan.cfg.train
-    # one progress bar, start line and execution plan per epoch would bury the training log, which
-    # already reports throughput and data wait
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    dataset = build_dataset(cfg.data.train, cfg, train=True, endpoint_url=plan.endpoint_url)
+    _quiet_ray_data()
     fs, path = storage.resolve(cfg.storage.uri, plan.endpoint_url)
     return ray.train.torch.TorchTrainer(
         train_worker,
@@ -264,7 +286,7 @@ def build_trainer(plan: TrainPlan, callbacks: list | None = None) -> ray.train.t
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             callbacks=[FailFast(), *(callbacks or [])],
         ),
-        datasets={"train": dataset},
+        datasets={"train": functools.partial(train_stream, plan)},
     )
 
 
