@@ -104,7 +104,8 @@ def main() -> None:
     import ray
     import torch
 
-    from mpformer_ray.data.pipeline import build_train_stream, local_batches, stream_batches
+    from mpformer_ray.data.pipeline import local_batches, stream_batches
+    from mpformer_ray.data.stream import build_train_stream
 
     torch.set_num_threads(1)
     width, height = (int(v) for v in args.size.lower().split("x"))

@@ -12,7 +12,8 @@ from scipy import ndimage
 
 from mpformer_ray.config import DataConfig, load_config
 from mpformer_ray.data.coco import convert_coco
-from mpformer_ray.data.pipeline import RecordsStream, Units, build_train_stream, local_batches, stream_batches
+from mpformer_ray.data.pipeline import RecordsStream, local_batches, stream_batches
+from mpformer_ray.data.stream import Units, build_train_stream
 from mpformer_ray.data.transforms import PIXEL_MEAN, PIXEL_STD, augment, augment_rng, eval_transform, normalize
 
 COLOURS = {0: (230, 20, 20), 1: (20, 230, 20), 2: (20, 20, 230)}

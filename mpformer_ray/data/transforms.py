@@ -22,11 +22,15 @@ nearest neighbour on the same grid.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
 
 from mpformer_ray.config import DataConfig
+
+if TYPE_CHECKING:
+    import torch
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # RGB, 0-255 space
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -217,6 +221,8 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (or float 0-255) images [B, H, W, 3] or [B, 3, H, W] -> float32 [B, 3, H, W],
     ``(x - PIXEL_MEAN) / PIXEL_STD``, on the input's device. A tensor whose dim 1 is 3 is read
     as channels-first."""
+    import torch  # here only: the augmentations run in Ray Data tasks, which need no torch
+
     if images.dim() != 4 or 3 not in (images.shape[1], images.shape[3]):
         raise ValueError(f"images must be [B, H, W, 3] or [B, 3, H, W], got {tuple(images.shape)}")
     if images.shape[1] != 3:

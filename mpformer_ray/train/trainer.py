@@ -246,7 +246,7 @@ def train_stream(plan: TrainPlan):
     """The Ray Dataset an attempt of ``plan`` trains on: the data stream from where the attempt
     resumes (this job's newest checkpoint after a restart, else the driver's choice) to
     ``train.max_iters``. Ray Train calls it in its controller at every worker-group start."""
-    from mpformer_ray.data.pipeline import build_train_stream
+    from mpformer_ray.data.stream import build_train_stream
 
     setup_logging()
     _quiet_ray_data()
