@@ -180,7 +180,7 @@ def collect(batches) -> dict[int, torch.Tensor]:
 
 def test_local_batches_cover_every_image_once_per_epoch(records):
     cfg = load_config("tiny", TINY)
-    ids = {s["image_id"] for s in RecordsStream(records, cfg.data, shuffle=False, stop=12)}
+    ids = {s["image_id"] for s in RecordsStream(Units.open(records, shuffle=False), cfg.data, stop=12)}
     assert len(ids) == 12
     epoch0 = collect(local_batches(records, cfg, 5, seed=0, epoch=0))
     again = collect(local_batches(records, cfg, 3, seed=0, epoch=0))
@@ -196,8 +196,8 @@ def test_the_stream_starts_anywhere_and_goes_on_across_epochs(records):
     assert units.num_images == 12 and len(units.paths) == 3  # shards of 5, 5, 2
     assert [e for e, _, _ in units.work(0, 36)] == [0] * 3 + [1] * 3 + [2] * 3
     # 25 images from the start, and from image 7 (mid-shard: a checkpoint's position): the same tail
-    whole = [(s["epoch"], s["image_id"], s["image"]) for s in RecordsStream(records, cfg.data, seed=3, stop=25)]
-    tail = [(s["epoch"], s["image_id"], s["image"]) for s in RecordsStream(records, cfg.data, seed=3, start=7, stop=25)]
+    whole = [(s["epoch"], s["image_id"], s["image"]) for s in RecordsStream(units, cfg.data, stop=25)]
+    tail = [(s["epoch"], s["image_id"], s["image"]) for s in RecordsStream(units, cfg.data, start=7, stop=25)]
     assert len(whole) == 25 and len(tail) == 18
     assert all(a[:2] == b[:2] and np.array_equal(a[2], b[2]) for a, b in zip(whole[7:], tail))
     # each epoch: every image once, in a new order

@@ -34,7 +34,7 @@ import torch
 
 from mpformer_ray.config import Config, DataConfig
 from mpformer_ray.data.records import decode_row
-from mpformer_ray.data.stream import Units, make_sample, unpack
+from mpformer_ray.data.stream import Units, augmented_sample, unpack
 from mpformer_ray.data.transforms import normalize
 
 _SHUFFLE_BUFFER_BATCHES = 8
@@ -101,14 +101,12 @@ def stream_batches(source, batch_size: int, *, seed: int = 0, device: torch.devi
 
 
 class RecordsStream(torch.utils.data.IterableDataset):
-    """Samples (``make_sample`` dicts plus their "epoch") of images ``[start, stop)`` of the stream of the
-    records at ``uri`` (``Units``; endless when ``stop`` is None), without Ray, for a DataLoader: the
-    work items are dealt round-robin to the DataLoader workers."""
+    """Training samples (``augmented_sample`` dicts plus their "epoch") of images ``[start, stop)`` of
+    ``units``' stream (endless when ``stop`` is None), without Ray, for a DataLoader: the work items
+    are dealt round-robin to the DataLoader workers."""
 
-    def __init__(self, uri: str, data_cfg: DataConfig, *, train: bool = True, seed: int = 0, start: int = 0,
-                 stop: int | None = None, shuffle: bool = True, endpoint_url: str | None = None):
-        self.units = Units.open(uri, seed=seed, shuffle=shuffle, endpoint_url=endpoint_url)
-        self.data_cfg, self.train, self.start, self.stop = data_cfg, train, start, stop
+    def __init__(self, units: Units, data_cfg: DataConfig, *, start: int = 0, stop: int | None = None):
+        self.units, self.data_cfg, self.start, self.stop = units, data_cfg, start, stop
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -119,7 +117,7 @@ class RecordsStream(torch.utils.data.IterableDataset):
             if i % workers == worker:
                 rows = self.units.rows(epoch, shard, skip)
                 for row in rows if left is None else itertools.islice(rows, left):
-                    yield {**make_sample(decode_row(row), self.data_cfg, self.train, self.units.seed, epoch), "epoch": epoch}
+                    yield {**augmented_sample(decode_row(row), self.data_cfg, self.units.seed, epoch), "epoch": epoch}
             if left is not None:
                 left -= size
 
@@ -143,18 +141,16 @@ def local_stream(uri: str, cfg: Config, batch_size: int, start: int = 0, *, endp
                  num_workers: int = 0, device: torch.device | str = "cpu") -> Iterator[tuple[int, Batch]]:
     """``stream_batches`` without Ray, endless, from image ``start`` of the stream (same images, same
     augmentation): the training loop's data in unit tests."""
-    stream = RecordsStream(uri, cfg.data, seed=cfg.train.seed, start=start, endpoint_url=endpoint_url)
+    stream = RecordsStream(Units.open(uri, seed=cfg.train.seed, endpoint_url=endpoint_url), cfg.data, start=start)
     return _local(stream, batch_size, num_workers, device, cfg.model.size_divisibility)
 
 
 def local_batches(uri: str, cfg: Config, batch_size: int, *, seed: int = 0, epoch: int = 0,
-                  endpoint_url: str | None = None, train: bool = True, num_workers: int = 0,
-                  shuffle: bool = True, device: torch.device | str = "cpu",
-                  size_divisibility: int = 32) -> Iterator[Batch]:
-    """One epoch of the stream (every image once; with ``train``, augmented as the Ray path does for the
-    same seed / epoch / image), from a plain ``torch.utils.data.DataLoader`` with ``num_workers`` processes."""
-    size = Units.open(uri, endpoint_url=endpoint_url).num_images
-    stream = RecordsStream(uri, cfg.data, train=train, seed=seed, start=epoch * size, stop=(epoch + 1) * size,
-                           shuffle=shuffle, endpoint_url=endpoint_url)
+                  endpoint_url: str | None = None, num_workers: int = 0, shuffle: bool = True,
+                  device: torch.device | str = "cpu", size_divisibility: int = 32) -> Iterator[Batch]:
+    """One epoch of the stream (every image once, augmented as the Ray path does for the same seed /
+    epoch / image), from a plain ``torch.utils.data.DataLoader`` with ``num_workers`` processes."""
+    units = Units.open(uri, seed=seed, shuffle=shuffle, endpoint_url=endpoint_url)
+    stream = RecordsStream(units, cfg.data, start=epoch * units.num_images, stop=(epoch + 1) * units.num_images)
     for _, batch in _local(stream, batch_size, num_workers, device, size_divisibility):
         yield batch

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from mpformer_ray import storage
 from mpformer_ray.config import Config, DataConfig
 from mpformer_ray.data.records import DataError, damaged_shard, decode_row, read_manifest
-from mpformer_ray.data.transforms import augment, augment_rng, eval_transform
+from mpformer_ray.data.transforms import augment, augment_rng
 
 _MAP_BATCH_ROWS = 8  # images per decode/augment call: small, so a task's output streams out in small pieces
 # Output block size of the read + decode tasks. Ray's default (128 MiB) holds back a task's output
@@ -28,14 +28,11 @@ _BLOCK_BYTES = 16 * 2**20
 _RECORD_COLUMNS = ["image_id", "file_name", "height", "width", "image", "segments", "sem_seg"]
 
 
-def make_sample(record: dict, data_cfg: DataConfig, train: bool, seed: int, epoch: int) -> dict:
-    """Decoded record -> {"image_id", "image" uint8 [h, w, 3], and for training
-    "masks" bool [n, h, w] / "labels" int64 [n], for evaluation "orig_size" (H, W)}."""
-    if train:
-        out = augment(record, data_cfg, augment_rng(seed, epoch, record["image_id"]))
-        return {"image_id": out["image_id"], "image": out["image"], "masks": out["masks"], "labels": out["labels"]}
-    image, orig_size = eval_transform(record, data_cfg)
-    return {"image_id": int(record["image_id"]), "image": image, "orig_size": orig_size}
+def augmented_sample(record: dict, data_cfg: DataConfig, seed: int, epoch: int) -> dict:
+    """Decoded record -> {"image_id", "image" uint8 [h, w, 3], "masks" bool [n, h, w], "labels" int64 [n]},
+    augmented as epoch ``epoch`` of a run seeded ``seed`` does."""
+    out = augment(record, data_cfg, augment_rng(seed, epoch, record["image_id"]))
+    return {"image_id": out["image_id"], "image": out["image"], "masks": out["masks"], "labels": out["labels"]}
 
 
 def pack(samples: list[dict], epoch: int) -> pa.Table:
@@ -87,9 +84,12 @@ class Units:
 
     @classmethod
     def open(cls, uri: str, *, seed: int = 0, shuffle: bool = True, endpoint_url: str | None = None) -> Units:
-        fs, paths, manifest = _shard_paths(uri, endpoint_url)
-        sizes = [s["num_images"] for s in manifest["shards"] if s["num_images"] > 0]
-        return cls(uri, tuple(paths), tuple(sizes), seed, shuffle, fs)
+        shards = [s for s in read_manifest(uri, endpoint_url)["shards"] if s["num_images"] > 0]
+        if not shards:
+            raise DataError(f"{uri}: the manifest lists no images; re-run jobs/prepare_data.py on a non-empty split")
+        fs, root = storage.resolve(uri, endpoint_url)
+        return cls(uri, tuple(posixpath.join(root, s["file"]) for s in shards),
+                   tuple(s["num_images"] for s in shards), seed, shuffle, fs)
 
     @property
     def num_images(self) -> int:
@@ -147,21 +147,12 @@ def _decode_augment(items: pa.Table, *, units: Units, data_cfg: DataConfig) -> I
     for item in items.to_pylist():
         epoch, samples = item["epoch"], []
         for row in units.rows(epoch, item["shard"], item["skip"]):
-            samples.append(make_sample(decode_row(row), data_cfg, True, units.seed, epoch))
+            samples.append(augmented_sample(decode_row(row), data_cfg, units.seed, epoch))
             if len(samples) == _MAP_BATCH_ROWS:
                 yield pack(samples, epoch)
                 samples = []
         if samples:
             yield pack(samples, epoch)
-
-
-def _shard_paths(uri: str, endpoint_url: str | None) -> tuple[Any, list[str], dict]:
-    manifest = read_manifest(uri, endpoint_url)
-    fs, root = storage.resolve(uri, endpoint_url)
-    paths = [posixpath.join(root, s["file"]) for s in manifest["shards"] if s["num_images"] > 0]
-    if not paths:
-        raise DataError(f"{uri}: the manifest lists no images; re-run jobs/prepare_data.py on a non-empty split")
-    return fs, paths, manifest
 
 
 def build_train_stream(uri: str, cfg: Config, *, start: int, stop: int, endpoint_url: str | None = None):
