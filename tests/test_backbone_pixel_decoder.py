@@ -177,7 +177,7 @@ def test_tiny_model_stays_finite_under_bf16_autocast(hw):
             mask_features, multi_scale = model.pixel_decoder(feats)
             raw = model.decode_features(mask_features, multi_scale, None, tuple(images.shape[-2:]))
         maps = {**feats, "mask_features": mask_features, **{f"multi_scale[{i}]": m for i, m in enumerate(multi_scale)},
-                "pred_logits": raw["pred_logits"], "pred_masks": raw["pred_masks"]}
+                "logits": raw.logits, **{f"masks[{i}]": m for i, m in enumerate(raw.masks)}}
         bad = [name for name, m in maps.items() if not torch.isfinite(m.float()).all()]
         assert not bad, f"seed {seed}, input {hw} (padded {tuple(images.shape[-2:])}): non-finite {bad}"
 

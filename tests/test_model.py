@@ -69,7 +69,7 @@ def test_zero_inference_cost():
         a = with_pilot(images)
         b = without(images)
         raw = with_pilot.forward_raw(images, targets)
-    assert calls == [] and "pilot" not in raw
+    assert calls == [] and raw.pilot is None
     for ra, rb in zip(a, b):
         assert torch.equal(ra["sem_seg"], rb["sem_seg"])
         assert torch.equal(ra["panoptic"][0], rb["panoptic"][0]) and ra["panoptic"][1] == rb["panoptic"][1]
@@ -89,11 +89,11 @@ def test_pilot_queries_do_not_change_matching_queries():
         pilot = model.pilot(targets, model.cfg.num_queries, tuple(images.shape[-2:]))
         piloted = model.predictor(multi_scale, mask_features, pilot)
         plain = model.predictor(multi_scale, mask_features)
-    assert piloted["pilot"]["pred_masks"].shape == (2, 4, 16, 16)
-    for key in ("pred_logits", "pred_masks"):
-        torch.testing.assert_close(piloted[key], plain[key], atol=1e-5, rtol=1e-5)
-        for aux_a, aux_b in zip(piloted["aux_outputs"], plain["aux_outputs"]):
-            torch.testing.assert_close(aux_a[key], aux_b[key], atol=1e-5, rtol=1e-5)
+    assert all(m.shape == (2, 4, 16, 16) for m in piloted.pilot_masks())
+    assert plain.pilot is None and plain.logits.shape[2] == model.cfg.num_queries
+    torch.testing.assert_close(piloted.logits[:, :, : model.cfg.num_queries], plain.logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(piloted.query_masks(), plain.query_masks(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_r50_parameter_count():
@@ -107,12 +107,16 @@ def test_forward_raw_structure():
     images, targets = shapes_batch([2, 3])
     model.train()
     raw = model.forward_raw(images, targets)
-    assert raw["pred_logits"].shape == (2, cfg.num_queries, cfg.num_classes + 1)
-    assert raw["pred_masks"].shape == (2, cfg.num_queries, 16, 16)
-    assert len(raw["aux_outputs"]) == cfg.dec_layers
-    pilot = raw["pilot"]
-    assert pilot["pred_logits"].shape == (2, 3, cfg.num_classes + 1) and len(pilot["aux_outputs"]) == cfg.dec_layers
-    assert pilot["valid"].tolist() == [[True, True, False], [True, True, True]]
+    num_preds, slots = cfg.dec_layers + 1, cfg.num_queries + 3
+    assert raw.num_predictions == num_preds and raw.num_queries == cfg.num_queries
+    assert raw.logits.shape == (num_preds, 2, slots, cfg.num_classes + 1)
+    assert raw.embeds.shape == (num_preds, 2, slots, cfg.mask_dim)
+    assert [tuple(m.shape) for m in raw.masks] == [(2, slots, 16, 16)] * num_preds
+    assert raw.pred_logits.shape == (2, cfg.num_queries, cfg.num_classes + 1)
+    assert raw.pred_masks.shape == (2, cfg.num_queries, 16, 16)
+    assert torch.equal(raw.pred_masks, raw.masks[-1][:, : cfg.num_queries])
+    assert [tuple(m.shape) for m in raw.pilot_masks()] == [(2, 3, 16, 16)] * num_preds
+    assert raw.pilot.valid.tolist() == [[True, True, False], [True, True, True]]
 
 
 def test_matcher_recovers_a_perfect_assignment():
@@ -127,8 +131,7 @@ def test_matcher_recovers_a_perfect_assignment():
     for t, query in enumerate(order):
         logits[0, query, targets[0]["labels"][t]] = 10.0
         masks[0, query][targets[0]["masks"][t]] = 10.0
-    (query_idx, target_idx), (empty_q, empty_t) = model.criterion.matcher(
-        {"pred_logits": logits, "pred_masks": masks}, targets)
+    (query_idx, target_idx), (empty_q, empty_t) = model.criterion.matcher(logits, masks, targets)
     assert torch.equal(query_idx[target_idx.argsort()], order)
     assert empty_q.numel() == 0 and empty_t.numel() == 0 and empty_q.dtype == torch.int64
 
@@ -140,7 +143,9 @@ def test_criterion_equals_a_per_prediction_reference():
     estimate the mean over the whole mask, which the reference computes on a dense grid."""
     from mpformer_ray.model.criterion import SetCriterion
     from mpformer_ray.model.matcher import HungarianMatcher
+    from mpformer_ray.model.pilot import PilotQueries
     from mpformer_ray.model.point_sampling import point_sample
+    from mpformer_ray.model.transformer_decoder import DecoderOutput
 
     g = torch.Generator().manual_seed(0)
     counts, k, q, d, groups, num_preds = [2, 0, 3], 5, 6, 4, 2, 3
@@ -151,11 +156,10 @@ def test_criterion_equals_a_per_prediction_reference():
                 "masks": torch.rand(n, 32, 32, generator=g) < 0.4} for n in counts]
     features = torch.randn(3, d, 8, 8, generator=g, requires_grad=True)
     n_max = max(counts)
-    slot = torch.arange(groups * n_max) % n_max
-    valid = slot[None] < torch.tensor(counts)[:, None]
-    target_index = torch.where(valid, slot, -1)
-    pilot_labels = torch.stack([t["labels"][ti.clamp(min=0)] if len(t["labels"]) else torch.zeros_like(ti)
-                                for t, ti in zip(targets, target_index)]) * valid
+    # the layout as the model builds it: slot s of image i reconstructs segment s % n_max when that exists
+    pilot = PilotQueries(k, d, groups, "none", 0.0, 0.0, num_preds - 1)(targets, q, (32, 32))
+    valid, target_index, pilot_labels = pilot.valid, pilot.target_index, pilot.labels
+    assert target_index.tolist()[2] == [0, 1, 2, 0, 1, 2] and valid.tolist()[1] == [False] * 6
 
     def prediction(p: int, slots: int, assign: list[torch.Tensor] | None) -> dict:
         embed = ((1 + p) * torch.randn(3, slots, d, generator=g)).requires_grad_()
@@ -166,18 +170,17 @@ def test_criterion_equals_a_per_prediction_reference():
                 logits[i, queries, k] -= 12
                 logits[i, queries, targets[i]["labels"]] += 12
         logits.requires_grad_()
-        return {"pred_logits": logits, "mask_embed": embed,
-                "pred_masks": torch.einsum("btd,bdhw->bthw", embed, features).detach()}
+        return {"logits": logits, "embed": embed, "masks": torch.einsum("btd,bdhw->bthw", embed, features).detach()}
 
     assigns = [[torch.randperm(q, generator=g)[:n] for n in counts] for _ in range(num_preds)]
     matching = [prediction(p, q, assigns[p]) for p in range(num_preds)]
     pilots = [prediction(p, groups * n_max, None) for p in range(num_preds)]
-    outputs = {**matching[-1], "aux_outputs": matching[:-1], "mask_features": features,
-               "pilot": {**pilots[-1], "aux_outputs": pilots[:-1], "labels": pilot_labels,
-                         "target_index": target_index, "valid": valid},
-               "predictions": {key: torch.stack([torch.cat((m[name], pl[name]), 1) for m, pl in zip(matching, pilots)])
-                               for key, name in (("logits", "pred_logits"), ("embeds", "mask_embed"))}}
-    inputs = [features] + [x for pred in matching + pilots for x in (pred["pred_logits"], pred["mask_embed"])]
+    outputs = DecoderOutput(
+        logits=torch.stack([torch.cat((m["logits"], pl["logits"]), 1) for m, pl in zip(matching, pilots)]),
+        embeds=torch.stack([torch.cat((m["embed"], pl["embed"]), 1) for m, pl in zip(matching, pilots)]),
+        masks=[torch.cat((m["masks"], pl["masks"]), 1) for m, pl in zip(matching, pilots)],
+        mask_features=features, num_queries=q, pilot=pilot)
+    inputs = [features] + [x for pred in matching + pilots for x in (pred["logits"], pred["embed"])]
 
     dense = torch.stack(torch.meshgrid(torch.arange(128) / 128 + 1 / 256, torch.arange(128) / 128 + 1 / 256,
                                        indexing="xy"), -1).view(1, -1, 2)
@@ -196,7 +199,7 @@ def test_criterion_equals_a_per_prediction_reference():
     suffixes = [f"_{p}" for p in range(num_preds - 1)] + [""]  # aux predictions first, as in outputs
     num_masks, num_pilots = sum(counts), groups * sum(counts)
     for p, suffix in enumerate(suffixes):
-        logits, embed = matching[p]["pred_logits"], matching[p]["mask_embed"]
+        logits, embed = matching[p]["logits"], matching[p]["embed"]
         classes = torch.full((3, q), k)
         bce = dice = 0
         for i, queries in enumerate(assigns[p]):
@@ -208,7 +211,7 @@ def test_criterion_equals_a_per_prediction_reference():
             logits.transpose(1, 2), classes, criterion.empty_weight) * weights["ce"]
         want[f"loss_mask{suffix}"] = bce / num_masks * weights["mask"]
         want[f"loss_dice{suffix}"] = dice / num_masks * weights["dice"]
-        logits, embed = pilots[p]["pred_logits"], pilots[p]["mask_embed"]
+        logits, embed = pilots[p]["logits"], pilots[p]["embed"]
         # every pilot slot, padding on "no object" (the released criterion's weighted mean)
         want[f"loss_ce_pilot{suffix}"] = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), torch.where(valid, pilot_labels, k), criterion.empty_weight) * weights["ce"]
@@ -332,7 +335,7 @@ def test_tiny_model_overfits_a_fixed_batch(pilot):
         raw = model.forward_raw(images)
     for b, (queries, segments) in enumerate(model.criterion.matcher(raw, targets)):
         assert len(segments) == len(targets[b]["labels"])
-        pred = torch.nn.functional.interpolate(raw["pred_masks"][b:b + 1], size=(64, 64), mode="bilinear")[0]
+        pred = torch.nn.functional.interpolate(raw.pred_masks[b:b + 1], size=(64, 64), mode="bilinear")[0]
         pred = pred[queries] > 0
         gt = targets[b]["masks"][segments]
         iou = (pred & gt).sum((1, 2)).float() / (pred | gt).sum((1, 2)).float()
@@ -368,7 +371,7 @@ def test_matcher_names_diverged_training_instead_of_scipys_error():
     masks = torch.randn(2, 5, 8, 8, generator=gen)
     targets = [{"labels": torch.tensor([0, 2]), "masks": torch.rand(2, 16, 16, generator=gen) > 0.5}] * 2
     with pytest.raises(FloatingPointError, match="not finite.*lower train.lr"):
-        HungarianMatcher(2.0, 5.0, 5.0, 64)({"pred_logits": logits, "pred_masks": masks}, targets)
+        HungarianMatcher(2.0, 5.0, 5.0, 64)(logits, masks, targets)
 
 
 @pytest.mark.parametrize("overrides, counts", [

@@ -233,7 +233,6 @@ def test_decoder_matches_the_released_pilot_rules():
         assert torch.equal(self_blocked, ref["self_blocked"][order][:, order].expand(3, heads, -1, -1)), i
         cross_blocked = seen[f"cross{i}"].view(3, heads, q + pad_size, -1)[:, :, q:]
         assert torch.equal(cross_blocked, ref["cross_blocked"][i][:, None].expand(-1, heads, -1, -1)), i
-    for suffix, logits in zip([f"_{i}" for i in range(layers)] + [""],
-                              [a["pred_logits"] for a in out["pilot"]["aux_outputs"]] + [out["pilot"]["pred_logits"]]):
+    for suffix, logits in zip([f"_{i}" for i in range(layers)] + [""], out.logits[:, :, q:], strict=True):
         want = F.cross_entropy(logits.transpose(1, 2), ref["ce_targets"], model.criterion.empty_weight)
         torch.testing.assert_close(losses[f"loss_ce_pilot{suffix}"], want * cfg.model.class_weight)

@@ -70,8 +70,10 @@ def compare(reference: nn.Module, ours: nn.Module, images: Tensor) -> dict[str, 
     the same over every earlier prediction (query init and layers 1..L-1), and the semantic scores."""
     ref = reference(pixel_values=images, output_auxiliary_logits=True)
     out = ours.forward_raw(images)
-    if len(out["aux_outputs"]) != len(ref.auxiliary_logits):
-        raise ValueError(f"{len(out['aux_outputs'])} intermediate predictions, HF has {len(ref.auxiliary_logits)}")
+    # every prediction but the final one, query init first, as HF's auxiliary_logits
+    aux_logits, aux_masks = out.logits[:-1, :, : out.num_queries], out.query_masks()[:-1]
+    if len(aux_masks) != len(ref.auxiliary_logits):
+        raise ValueError(f"{len(aux_masks)} intermediate predictions, HF has {len(ref.auxiliary_logits)}")
     sem = torch.stack([r["sem_seg"] for r in ours(images)])
     size = tuple(images.shape[-2:])
 
@@ -81,11 +83,9 @@ def compare(reference: nn.Module, ours: nn.Module, images: Tensor) -> dict[str, 
         return (a - b).abs().max().item()
 
     return {
-        "class_logits": diff(out["pred_logits"], ref.class_queries_logits),
-        "mask_logits": diff(out["pred_masks"], ref.masks_queries_logits),
-        "aux_class_logits": max(diff(a["pred_logits"], r["class_queries_logits"])
-                                for a, r in zip(out["aux_outputs"], ref.auxiliary_logits)),
-        "aux_mask_logits": max(diff(a["pred_masks"], r["masks_queries_logits"])
-                               for a, r in zip(out["aux_outputs"], ref.auxiliary_logits)),
+        "class_logits": diff(out.pred_logits, ref.class_queries_logits),
+        "mask_logits": diff(out.pred_masks, ref.masks_queries_logits),
+        "aux_class_logits": max(diff(a, r["class_queries_logits"]) for a, r in zip(aux_logits, ref.auxiliary_logits)),
+        "aux_mask_logits": max(diff(a, r["masks_queries_logits"]) for a, r in zip(aux_masks, ref.auxiliary_logits)),
         "sem_seg": diff(sem, semantic_scores(ref.class_queries_logits, ref.masks_queries_logits, size)),
     }

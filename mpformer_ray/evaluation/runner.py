@@ -31,6 +31,7 @@ from mpformer_ray.data.transforms import eval_transform, normalize
 from mpformer_ray.evaluation.consistency import MaskConsistency
 from mpformer_ray.evaluation.evaluator import Evaluator
 from mpformer_ray.log import format_eta
+from mpformer_ray.model.transformer_decoder import DecoderOutput
 from mpformer_ray.tasks import tasks_for
 
 log = logging.getLogger(__name__)
@@ -74,27 +75,25 @@ def _gt_targets(record: dict, resized_hw: tuple[int, int], padded_hw: tuple[int,
     return [{"labels": labels, "masks": masks}]
 
 
-def _consistency_update(model: nn.Module, raw: dict, record: dict, resized_hw: tuple[int, int],
+def _consistency_update(model: nn.Module, raw: DecoderOutput, record: dict, resized_hw: tuple[int, int],
                         padded_hw: tuple[int, int], meter: MaskConsistency) -> None:
     """Match the final prediction's queries to the image's ground truth and feed every prediction's
     masks of the matched queries to ``meter``.
 
     raw: ``model.forward_raw`` of the one image, resized to ``resized_hw`` and padded to ``padded_hw``."""
-    mask_hw = tuple(raw["pred_masks"].shape[-2:])
-    targets = _gt_targets(record, resized_hw, padded_hw, mask_hw, raw["pred_masks"].device)
+    mask_hw = tuple(raw.pred_masks.shape[-2:])
+    device = raw.pred_masks.device
+    targets = _gt_targets(record, resized_hw, padded_hw, mask_hw, device)
     if len(targets[0]["labels"]) == 0:
         return
-    final = {"pred_logits": raw["pred_logits"], "pred_masks": raw["pred_masks"]}
     # the matcher samples random points: seed them per image, in a forked RNG, so the diagnostic is
     # reproducible (and equal however the images are split over ranks) and training's RNG stream
     # is left untouched by an evaluation in the middle of it
-    device = raw["pred_masks"].device
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(int(record["image_id"]))
-        query_idx, _ = model.criterion.matcher(final, targets)[0]
-    layers = [aux["pred_masks"][0] for aux in raw["aux_outputs"]] + [raw["pred_masks"][0]]
-    meter.update([m.float() for m in layers], query_idx)
+        query_idx, _ = model.criterion.matcher(raw.pred_logits, raw.pred_masks, targets)[0]
+    meter.update([m[0].float() for m in raw.query_masks()], query_idx)
 
 
 def evaluate_model(

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from mpformer_ray.model.matcher import HungarianMatcher
 from mpformer_ray.model.point_sampling import point_sample, uncertain_point_coords
 from mpformer_ray.model.transfer import to_device
+from mpformer_ray.model.transformer_decoder import DecoderOutput
 
 
 def global_count(n: int, device: torch.device) -> float:
@@ -95,19 +96,15 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = no_object_weight
         self.register_buffer("empty_weight", empty_weight)
 
-    def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """outputs: the decoder's dict (``predictions`` with every prediction's ``logits`` [L, B, T, K+1] and
-        ``embeds`` [L, B, T, D], query init first, the Q matching queries then the pilot slots; per-layer
-        ``pred_masks`` in ``aux_outputs`` and the top level; ``mask_features``; optional ``pilot`` with
-        ``labels`` / ``target_index`` [B, P], -1 for padding slots); targets: B dicts {"labels" [n], "masks"
-        bool [n, H, W]}.
+    def forward(self, outputs: DecoderOutput, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """outputs: the decoder's (pilot slots supervised when ``outputs.pilot`` is set); targets: B dicts
+        {"labels" [n], "masks" bool [n, H, W]}.
 
         Returns weighted scalar losses: loss_{ce,mask,dice} for the final prediction, loss_{ce,mask,dice}_{i}
         for aux prediction i (query init = 0), and with pilot outputs loss_{ce,mask,dice}_pilot[_{i}].
         """
-        all_logits, all_embeds = outputs["predictions"]["logits"], outputs["predictions"]["embeds"]
-        device = all_logits.device
-        num_preds, num_queries = all_logits.shape[0], outputs["pred_logits"].shape[1]
+        device = outputs.logits.device
+        num_preds, num_queries = outputs.num_predictions, outputs.num_queries
         suffixes = [*(f"_{i}" for i in range(num_preds - 1)), ""]
         num_masks = global_count(sum(len(t["labels"]) for t in targets), device)
         # loss groups of the mask losses, (suffix, normaliser): group g < L is prediction g's matching
@@ -115,9 +112,8 @@ class SetCriterion(nn.Module):
         groups = [(s, num_masks) for s in suffixes]
         class_names, class_scales = [f"loss_ce{s}" for s in suffixes], [self.weights["ce"]] * num_preds
         with torch.autocast(device.type, enabled=False):
-            logits, embeds = all_logits.float(), all_embeds.float()
-            masks = [aux["pred_masks"] for aux in outputs["aux_outputs"]] + [outputs["pred_masks"]]
-            indices = self.matcher.match_all(logits[:, :, :num_queries], masks, targets)
+            logits, embeds = outputs.logits.float(), outputs.embeds.float()
+            indices = self.matcher.match_all(logits[:, :, :num_queries], outputs.query_masks(), targets)
             # (prediction, image, query, segment) of every match
             matches = np.concatenate([np.stack(np.broadcast_arrays(p, i, queries.numpy(), segments.numpy()))
                                       for p, per_image in enumerate(indices)
@@ -128,22 +124,22 @@ class SetCriterion(nn.Module):
             for i in range(len(targets)):
                 pred, _, query, segment = matches[:, matches[1] == i]
                 supervised.append([np.stack((pred, query, segment, pred))])
-            if "pilot" in outputs:
-                pilot = outputs["pilot"]
+            pilot = outputs.pilot
+            if pilot is not None:
                 # -1 marks padding slots; PilotQueries keeps target_index on the host, so no device wait here
-                target_index = pilot["target_index"].cpu().numpy()
+                target_index = pilot.target_index.cpu().numpy()
                 batch_idx, slot_idx = np.nonzero(target_index >= 0)
                 num_pilots = global_count(len(batch_idx), device)
                 groups += [(f"_pilot{s}", num_pilots) for s in suffixes]
                 if self.pilot_class_loss:
-                    class_losses.append(self.pilot_class_losses(logits, pilot["labels"], pilot["valid"], num_queries))
+                    class_losses.append(self.pilot_class_losses(logits, pilot.labels, pilot.valid, num_queries))
                     class_names += [f"loss_ce_pilot{s}" for s in suffixes]
                     class_scales += [self.weights["ce"]] * num_preds
                 for i in range(len(targets)):
                     slots = slot_idx[batch_idx == i]
                     supervised[i] += [np.stack(np.broadcast_arrays(p, num_queries + slots, target_index[i, slots],
                                                                    num_preds + p)) for p in range(num_preds)]
-            loss_mask, loss_dice = self.mask_losses(outputs["mask_features"].float(), embeds,
+            loss_mask, loss_dice = self.mask_losses(outputs.mask_features.float(), embeds,
                                                     [np.concatenate(rows, axis=1) for rows in supervised],
                                                     targets, len(groups))
             # one weighting multiply and one unbind for all keys: a tensor op per loss key (and its backward)

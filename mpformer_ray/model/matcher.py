@@ -51,13 +51,13 @@ class HungarianMatcher(nn.Module):
         self.dice_weight = dice_weight
         self.num_points = num_points
 
-    def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[Pairs]:
-        """One prediction: outputs "pred_logits" [B, Q, K+1], "pred_masks" [B, Q, h, w]; targets: B dicts
+    def forward(self, logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]]) -> list[Pairs]:
+        """One prediction: class logits [B, Q, K+1], mask logits [B, Q, h, w]; targets: B dicts
         {"labels": int64 [n], "masks": bool [n, H, W]} (n may be 0).
 
         Returns B pairs (query_idx int64 [m], target_idx int64 [m]) with m = min(Q, n), on CPU.
         """
-        return self.match_all(outputs["pred_logits"][None], [outputs["pred_masks"]], targets)[0]
+        return self.match_all(logits[None], [masks], targets)[0]
 
     @torch.no_grad()
     def match_all(self, logits: Tensor, masks: Sequence[Tensor], targets: list[dict[str, Tensor]]

@@ -19,7 +19,7 @@ from mpformer_ray.model.pilot import PilotQueries
 from mpformer_ray.model.pixel_decoder import MSDeformAttnPixelDecoder
 from mpformer_ray.model.postprocess import (compact_inference, instance_inference, panoptic_inference, resize_masks,
                                             semantic_inference)
-from mpformer_ray.model.transformer_decoder import MultiScaleMaskedTransformerDecoder
+from mpformer_ray.model.transformer_decoder import DecoderOutput, MultiScaleMaskedTransformerDecoder
 
 Target = dict[str, Tensor]
 
@@ -83,33 +83,27 @@ class MPFormer(nn.Module):
             raise ValueError(f"MPFormer: targets[{bad}]['labels'] must lie in [0, {self.cfg.num_classes}) "
                              f"(model.num_classes), got {targets[bad]['labels'].tolist()}")
 
-    def forward_raw(self, images: Tensor, targets: list[Target] | None = None) -> dict:
-        """Decoder outputs for images [B, 3, H, W] (padded here to ``size_divisibility``).
-
-        Returns {"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H'/4, W'/4] (H', W' padded), "aux_outputs":
-        [query init, layer 1, ..., layer L-1] with the same keys}; in training mode with targets and pilot
-        enabled also "pilot": the same for the pilot slots plus "labels", "target_index", "valid" [B, P].
-        """
+    def forward_raw(self, images: Tensor, targets: list[Target] | None = None) -> DecoderOutput:
+        """Decoder outputs for images [B, 3, H, W] (padded here to ``size_divisibility``; masks at
+        H'/4 x W'/4 of the padded size), with pilot slots in training mode when targets are given and
+        the pilot is enabled."""
         self._check(images, targets)
         return self._decode(*self.pad(images, targets))
 
-    def _decode(self, images: Tensor, targets: list[Target] | None) -> dict:
+    def _decode(self, images: Tensor, targets: list[Target] | None) -> DecoderOutput:
         """forward_raw on already padded images and targets."""
         mask_features, multi_scale = self.pixel_decoder(self.backbone(images))
         return self.decode_features(mask_features, multi_scale, targets, tuple(images.shape[-2:]))
 
     def decode_features(self, mask_features: Tensor, multi_scale: list[Tensor], targets: list[Target] | None,
-                        image_size: tuple[int, int]) -> dict:
+                        image_size: tuple[int, int]) -> DecoderOutput:
         """The transformer decoder (with pilot queries in training mode when ``targets`` are given and the
         pilot is enabled) on pixel-decoder outputs: mask_features [B, mask_dim, H/4, W/4], multi_scale 3 maps
         [B, hidden_dim, h_l, w_l] (strides 32, 16, 8) of padded images of ``image_size`` = (H, W)."""
         pilot = None
         if self.training and self.pilot is not None and targets is not None:
             pilot = self.pilot(targets, self.cfg.num_queries, image_size)
-        out = self.predictor(multi_scale, mask_features, pilot)
-        if pilot is not None:
-            out["pilot"].update(pilot.layout())
-        return out
+        return self.predictor(multi_scale, mask_features, pilot)
 
     def forward(self, images: Tensor, targets: list[Target] | None = None,
                 image_sizes: list[tuple[int, int]] | None = None,
@@ -127,31 +121,32 @@ class MPFormer(nn.Module):
             return self.criterion(outputs, targets)
         return self.postprocess(outputs, input_size, tuple(images.shape[-2:]), image_sizes, output_sizes)
 
-    def postprocess(self, outputs: dict, input_size: tuple[int, int], padded: tuple[int, int],
+    def postprocess(self, outputs: DecoderOutput, input_size: tuple[int, int], padded: tuple[int, int],
                     image_sizes: list[tuple[int, int]] | None, output_sizes: list[tuple[int, int]] | None,
                     compact: bool = False) -> list[dict]:
         """Decoder outputs of images of ``input_size`` (padded to ``padded``) -> one result dict per image;
         with ``compact`` the same results in ``postprocess.compact_inference``'s form, on the CPU, without
         any query's or class's full-resolution float map (prediction and evaluation of large images)."""
-        b = outputs["pred_logits"].shape[0]
+        logits, masks = outputs.pred_logits, outputs.pred_masks
+        b = logits.shape[0]
         image_sizes = image_sizes or [tuple(input_size)] * b
         output_sizes = output_sizes or image_sizes
         if len(image_sizes) != b or len(output_sizes) != b:
             raise ValueError(f"MPFormer: image_sizes / output_sizes need one (h, w) per image ({b})")
         t = self.cfg.test
         results = []
-        device = outputs["pred_logits"].device
+        device = logits.device
         for i in range(b):
             with torch.autocast(device.type, enabled=False):  # float32 results even under AMP
-                mask_cls = outputs["pred_logits"][i].float()
+                mask_cls = logits[i].float()
                 if compact:
                     results.append(compact_inference(
-                        mask_cls, outputs["pred_masks"][i], padded, image_sizes[i], output_sizes[i], self.thing_ids,
+                        mask_cls, masks[i], padded, image_sizes[i], output_sizes[i], self.thing_ids,
                         semantic=t.semantic_on, panoptic=t.panoptic_on, instance=t.instance_on,
                         object_mask_threshold=t.object_mask_threshold, overlap_threshold=t.overlap_threshold,
                         max_detections=t.max_detections))
                     continue
-                mask_pred = resize_masks(outputs["pred_masks"][i].float(), padded, image_sizes[i], output_sizes[i])
+                mask_pred = resize_masks(masks[i].float(), padded, image_sizes[i], output_sizes[i])
                 result: dict = {}
                 if t.semantic_on:
                     result["sem_seg"] = semantic_inference(mask_cls, mask_pred)

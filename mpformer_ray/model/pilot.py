@@ -153,10 +153,6 @@ class PilotBatch:
             masks = point_noise(masks, self.noise_ratio)
         return masks.flatten(2)
 
-    def layout(self) -> dict[str, Tensor]:
-        """What the criterion needs to supervise pilot predictions against their source segments."""
-        return {"labels": self.labels, "target_index": self.target_index, "valid": self.valid}
-
 
 class PilotQueries(nn.Module):
     """Builds a :class:`PilotBatch` from a batch's targets (training only; owns the label embedding)."""

@@ -15,6 +15,8 @@ come from the ground truth instead of their previous prediction (see ``pilot.py`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,6 +26,52 @@ from mpformer_ray.model.pilot import PilotBatch
 from mpformer_ray.model.position_encoding import PositionEmbeddingSine
 
 NUM_LEVELS = 3
+
+
+@dataclass
+class DecoderOutput:
+    """What the decoder hands to the criterion, the post-processing and the diagnostics, for one batch
+    of B images with L = dec_layers + 1 predictions (query init first, the final one last) of
+    T = Q + P queries (the Q matching queries, then the P pilot slots; P = 0 without the pilot).
+
+    logits:        [L, B, T, K+1] class logits
+    embeds:        [L, B, T, mask_dim] mask embeddings: the only path the mask losses train
+    masks:         L x [B, T, H/4, W/4] mask logits (embeds . mask_features), without gradient,
+                   channels-last strides
+    mask_features: [B, mask_dim, H/4, W/4], the decoder's input
+    num_queries:   Q
+    pilot:         the batch's pilot queries (their ``labels`` / ``target_index`` / ``valid`` [B, P] say
+                   which segment each slot reconstructs), None when no pilot slot was decoded
+    """
+
+    logits: Tensor
+    embeds: Tensor
+    masks: list[Tensor]
+    mask_features: Tensor
+    num_queries: int
+    pilot: PilotBatch | None = None
+
+    @property
+    def num_predictions(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def pred_logits(self) -> Tensor:
+        """The final prediction's class logits of the matching queries: [B, Q, K+1]."""
+        return self.logits[-1, :, : self.num_queries]
+
+    @property
+    def pred_masks(self) -> Tensor:
+        """The final prediction's mask logits of the matching queries: [B, Q, H/4, W/4]."""
+        return self.masks[-1][:, : self.num_queries]
+
+    def query_masks(self) -> list[Tensor]:
+        """Every prediction's mask logits of the matching queries: L x [B, Q, H/4, W/4]."""
+        return [m[:, : self.num_queries] for m in self.masks]
+
+    def pilot_masks(self) -> list[Tensor]:
+        """Every prediction's mask logits of the pilot slots: L x [B, P, H/4, W/4]."""
+        return [m[:, self.num_queries:] for m in self.masks]
 
 
 def _xavier_init(module: nn.Module) -> None:
@@ -155,16 +203,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         return logits, masks, embed, attn_mask
 
     def forward(self, features: list[Tensor], mask_features: Tensor, pilot: PilotBatch | None = None
-                ) -> dict[str, object]:
-        """features: 3 maps [B, C_in, h_l, w_l] at strides 32, 16, 8; mask_features: [B, mask_dim, H/4, W/4].
-
-        Returns {"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H/4, W/4] (no gradient, channels-last
-        strides), "mask_embed": [B, Q, mask_dim], "aux_outputs": the query-init prediction and every layer's
-        but the last (same keys), "mask_features": the input, "predictions": {"logits" [L, B, T, K+1],
-        "embeds" [L, B, T, mask_dim]} of all L = layers + 1 predictions and T = Q + P queries (the
-        per-prediction entries are views of these)};
-        with ``pilot``, also "pilot": the same structure as the top level for the P pilot slots.
-        """
+                ) -> DecoderOutput:
+        """features: 3 maps [B, C_in, h_l, w_l] at strides 32, 16, 8; mask_features: [B, mask_dim, H/4, W/4];
+        ``pilot``: pilot slots decoded after the matching queries."""
         if len(features) != NUM_LEVELS:
             raise ValueError(f"transformer decoder expects {NUM_LEVELS} feature levels, got {len(features)}")
         b = mask_features.shape[0]
@@ -206,17 +247,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
         # stacked once: the criterion reads every prediction from these, so the backward pass meets one
         # stack instead of a slice per layer and query kind (each a zero-filled gradient)
-        stacked = {"logits": torch.stack([lg for lg, _, _ in predictions]),
-                   "embeds": torch.stack([em for _, _, em in predictions])}
-        out = self._pack(stacked, [mk for _, mk, _ in predictions], slice(0, self.num_queries))
-        out["mask_features"] = mask_features
-        out["predictions"] = stacked
-        if pilot is not None:
-            out["pilot"] = self._pack(stacked, [mk for _, mk, _ in predictions], slice(self.num_queries, None))
-        return out
-
-    @staticmethod
-    def _pack(stacked: dict[str, Tensor], masks: list[Tensor], queries: slice) -> dict[str, object]:
-        entries = [{"pred_logits": stacked["logits"][i, :, queries], "pred_masks": mk[:, queries],
-                    "mask_embed": stacked["embeds"][i, :, queries]} for i, mk in enumerate(masks)]
-        return {**entries[-1], "aux_outputs": entries[:-1]}
+        return DecoderOutput(logits=torch.stack([lg for lg, _, _ in predictions]),
+                             embeds=torch.stack([em for _, _, em in predictions]),
+                             masks=[mk for _, mk, _ in predictions], mask_features=mask_features,
+                             num_queries=self.num_queries, pilot=pilot)
