@@ -102,6 +102,21 @@ def test_evaluate_model_max_images_and_rank_split(model_and_cfg, val_uri, classe
     assert counts == [2, 1, 1]
 
 
+def test_evaluate_model_progress_lines(model_and_cfg, val_uri, classes, caplog, monkeypatch):
+    """Rank 0 logs its progress every PROGRESS_EVERY images and at its last one, with an eta; other
+    ranks stay quiet."""
+    from mpformer_ray.evaluation import runner
+
+    model, cfg = model_and_cfg
+    monkeypatch.setattr(runner, "PROGRESS_EVERY", 1)
+    with caplog.at_level("INFO", logger=runner.log.name):
+        evaluate_model(model, val_uri, cfg, classes, world_size=2)
+        evaluate_model(model, val_uri, cfg, classes, rank=1, world_size=2)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluation: ")]
+    assert [line.split(" images")[0] for line in lines] == ["evaluation: 1/2", "evaluation: 2/2"], lines
+    assert all(", eta " in line and "2 ranks, 4 images in all" in line for line in lines), lines
+
+
 def test_evaluate_model_rejects_other_datasets_classes(model_and_cfg, val_uri, classes):
     model, cfg = model_and_cfg
     renamed = [{**c, "name": c["name"] + "_x"} for c in classes]

@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -96,6 +97,59 @@ def _consistency_update(model: nn.Module, raw: DecoderOutput, record: dict, resi
     meter.update([m[0].float() for m in raw.query_masks()], query_idx)
 
 
+@dataclass
+class _Progress:
+    """Progress lines of rank 0 over its ``own`` share of the ``total`` images."""
+
+    rank: int
+    world_size: int
+    total: int
+    start: float
+    done: int = 0
+
+    def tick(self) -> None:
+        self.done += 1
+        own = len(range(self.rank, self.total, self.world_size))
+        if self.rank == 0 and (self.done % PROGRESS_EVERY == 0 or self.done == own):
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            log.info("evaluation: %d/%d images on rank 0 (%.1f images/s, eta %s, %d ranks, %d images in all)",
+                     self.done, own, rate, format_eta((own - self.done) / max(rate, 1e-9)), self.world_size,
+                     self.total)
+
+
+def _process(core: nn.Module, records: Iterator[dict], cfg: Config, device: torch.device, evaluator: Evaluator,
+             consistency: MaskConsistency, progress: _Progress) -> None:
+    """Predict every record (one image at a time, under ``train.amp``) into ``evaluator`` and ``consistency``."""
+    amp_dtype = resolve_amp(cfg.train.amp, device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        for record in records:
+            image, original_hw = eval_transform(record, cfg.data)
+            resized_hw = tuple(image.shape[:2])
+            images = normalize(torch.tensor(image)[None].to(device))  # a copy: PIL's arrays are read-only
+            # one decoder pass serves both the metrics (post-processed, as model(images, ...) would)
+            # and the consistency diagnostic (every layer's raw masks)
+            raw = core.forward_raw(images)
+            padded_hw = tuple(core.pad(images)[0].shape[-2:])
+            # compact: label map and RLEs, no per-query or per-class float maps at the original resolution
+            prediction = core.postprocess(raw, resized_hw, padded_hw, [resized_hw], [original_hw], compact=True)[0]
+            evaluator.process(record, prediction)
+            _consistency_update(core, raw, record, resized_hw, padded_hw, consistency)
+            progress.tick()
+
+
+def _merge_ranks(evaluator: Evaluator, consistency: MaskConsistency, seconds: float, world_size: int) -> float:
+    """Merge every rank's evaluator and consistency state into this rank's; returns the slowest rank's
+    seconds, so that every rank reports the same numbers."""
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (evaluator.state(), consistency.state(), seconds))
+        others = [g for i, g in enumerate(gathered) if i != dist.get_rank()]
+        evaluator.merge([g[0] for g in others])
+        consistency.merge([g[1] for g in others])
+        seconds = max(g[2] for g in gathered)
+    return seconds
+
+
 def evaluate_model(
     model: nn.Module,
     val_uri: str,
@@ -136,45 +190,17 @@ def evaluate_model(
                          "trained on")
     evaluator = Evaluator(classes, set(tasks_for(manifest.get("task"), cfg.model.test, val_uri)))
     consistency = MaskConsistency(cfg.model.dec_layers)
-    amp_dtype = resolve_amp(cfg.train.amp, device)
     total = manifest["num_images"] if max_images <= 0 else min(max_images, manifest["num_images"])
-    own = len(range(rank, total, world_size))
 
     was_training = core.training
     core.eval()
     start = time.perf_counter()
-    done = 0
     try:
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                             enabled=amp_dtype is not None):
-            for record in shard_records(val_uri, rank, world_size, max_images, endpoint):
-                image, original_hw = eval_transform(record, cfg.data)
-                resized_hw = tuple(image.shape[:2])
-                images = normalize(torch.tensor(image)[None].to(device))  # a copy: PIL's arrays are read-only
-                # one decoder pass serves both the metrics (post-processed, as model(images, ...) would)
-                # and the consistency diagnostic (every layer's raw masks)
-                raw = core.forward_raw(images)
-                padded_hw = tuple(core.pad(images)[0].shape[-2:])
-                # compact: label map and RLEs, no per-query or per-class float maps at the original resolution
-                prediction = core.postprocess(raw, resized_hw, padded_hw, [resized_hw], [original_hw], compact=True)[0]
-                evaluator.process(record, prediction)
-                _consistency_update(core, raw, record, resized_hw, padded_hw, consistency)
-                done += 1
-                if rank == 0 and (done % PROGRESS_EVERY == 0 or done == own):
-                    rate = done / max(time.perf_counter() - start, 1e-9)
-                    log.info("evaluation: %d/%d images on rank 0 (%.1f images/s, eta %s, %d ranks, %d images in all)",
-                             done, own, rate, format_eta((own - done) / max(rate, 1e-9)), world_size, total)
+        images = shard_records(val_uri, rank, world_size, max_images, endpoint)
+        _process(core, images, cfg, device, evaluator, consistency, _Progress(rank, world_size, total, start))
     finally:
         core.train(was_training)
-
-    seconds = time.perf_counter() - start
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (evaluator.state(), consistency.state(), seconds))
-        others = [g for i, g in enumerate(gathered) if i != dist.get_rank()]
-        evaluator.merge([g[0] for g in others])
-        consistency.merge([g[1] for g in others])
-        seconds = max(g[2] for g in gathered)  # the slowest rank: every rank reports the same numbers
+    seconds = _merge_ranks(evaluator, consistency, time.perf_counter() - start, world_size)
 
     metrics = evaluator.evaluate()
     metrics.update(consistency.compute())
@@ -183,3 +209,4 @@ def evaluate_model(
         log.info("evaluation done: %s", "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                                                   if not math.isnan(v)))
     return metrics
+
