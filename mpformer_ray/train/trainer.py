@@ -37,7 +37,6 @@ from mpformer_ray.train.checkpoint import (  # noqa: E402
 )
 from mpformer_ray.train.cluster import current_cluster, findings, worker_bundle  # noqa: E402
 from mpformer_ray.train.failure import FailFast  # noqa: E402
-from mpformer_ray.train.loop import train_loop  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +189,13 @@ def _quiet_ray_report_log() -> None:
 
 def train_worker(config: dict) -> None:
     """Ray Train's per-worker function: adapts Ray's model / data / report to ``train_loop``."""
+    # the model, the loop and the evaluation are imported here, in the workers only: the job's driver,
+    # a sweep's trial actors and Train's controller import this module too and need none of them
+    # (torchvision and scipy alone take about 2 s to import)
     from mpformer_ray.data.pipeline import stream_batches
     from mpformer_ray.evaluation.runner import evaluate_model
     from mpformer_ray.model import build_model
+    from mpformer_ray.train.loop import train_loop
 
     setup_logging()
     _quiet_ray_report_log()
