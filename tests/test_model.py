@@ -333,7 +333,7 @@ def test_tiny_model_overfits_a_fixed_batch(pilot):
     model.eval()
     with torch.no_grad():
         raw = model.forward_raw(images)
-    for b, (queries, segments) in enumerate(model.criterion.matcher(raw, targets)):
+    for b, (queries, segments) in enumerate(model.criterion.matcher(raw.pred_logits, raw.pred_masks, targets)):
         assert len(segments) == len(targets[b]["labels"])
         pred = torch.nn.functional.interpolate(raw.pred_masks[b:b + 1], size=(64, 64), mode="bilinear")[0]
         pred = pred[queries] > 0
