@@ -293,17 +293,20 @@ def build_trainer(plan: TrainPlan, callbacks: list | None = None) -> ray.train.t
     )
 
 
-def init_ray(address: str | None = None, runtime_env: dict | None = None) -> bool:
+# merged into the job's runtime environment (Ray refuses keys that ``ray job submit`` also set)
+RUNTIME_ENV = {"worker_process_setup_hook": "mpformer_ray.ray_hooks.setup_worker"}
+
+
+def init_ray(address: str | None = None) -> bool:
     """Connect to ``address`` / ``RAY_ADDRESS`` (a cluster or ``ray job submit``), else start a
-    local Ray on this machine's cores. ``runtime_env`` is merged into the job's (Ray refuses
-    keys that ``ray job submit`` also set). Returns whether it started that local Ray, a cluster
-    of this one machine."""
+    local Ray on this machine's cores; either way with ``RUNTIME_ENV``. Returns whether it started
+    that local Ray, a cluster of this one machine."""
     if ray.is_initialized():
         return False
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, runtime_env=runtime_env)
+        ray.init(address=address, runtime_env=RUNTIME_ENV)
         return False
-    ray.init(num_cpus=len(os.sched_getaffinity(0)), runtime_env=runtime_env)
+    ray.init(num_cpus=len(os.sched_getaffinity(0)), runtime_env=RUNTIME_ENV)
     return True
 
 

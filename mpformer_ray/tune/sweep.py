@@ -53,9 +53,6 @@ from ray.tune.search import BasicVariantGenerator  # noqa: E402
 SWEEP_STATE = "sweep.json"
 
 
-RUNTIME_ENV = {"worker_process_setup_hook": "mpformer_ray.ray_hooks.export_ray_address"}
-
-
 class EvaluationReport(TuneReportCallback):
     """Forward to Tune only the reports that carry the objective (the evaluations): Tune
     requires the objective in every result, and ASHA / Optuna should only see evaluations.
@@ -222,7 +219,7 @@ def run_sweep(cfg: Config, sweep: Sweep, *, resume: bool = False, address: str |
     state = _sweep_state(sweep, plan.cfg)
     if existing:
         _check_same_sweep(uri, state, plan.endpoint_url)
-    own_instance = init_ray(address, runtime_env=RUNTIME_ENV)
+    own_instance = init_ray(address)
     check_resources(plan.cfg, own_instance=own_instance)
     if own_instance and (problem := concurrency_problem(ray.cluster_resources().get("CPU", 0.0), plan.cfg,
                                                          sweep.max_concurrent)):
