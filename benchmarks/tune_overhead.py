@@ -9,7 +9,12 @@ share the cores: concurrency shows what Tune costs, not a speed-up).
 Figures per mode: wall time, trials per hour, peak PSS of every process of the job (driver, Ray,
 Train workers, Ray Data; see ``train_job.py``), and for the sweeps Tune's overhead per trial:
 (sweep wall - the sum of the trials' own wall times, as Tune measured them) / trials at
-concurrency 1 (goal: at most 5 % of a trial's wall time, or 5 s, whichever is larger).
+concurrency 1 (goal: at most 5 % of a trial's wall time, or 5 s, whichever is larger). That figure
+spreads the sweep's one-off costs (the driver's start, the trials table and plots at the end) over
+only 4 trials, so the sweep at concurrency 1 is also split into its timeline: the driver's start to
+the first trial's start, the gap between one trial's last report and the next trial's start (what
+each further trial costs), and the last trial's last report to the end. Trial starts and reports
+come from Tune's ``result.json`` (``timestamp`` is whole seconds: each point +-1 s).
 
     python benchmarks/tune_overhead.py                  # the tiny preset, 4 trials of 60 iterations
     python benchmarks/tune_overhead.py --iters 120 --json out.json
@@ -84,6 +89,7 @@ def _run(cmd: list[str], env: dict, log_path: Path, period: float, session: int)
     """Run the job ``cmd`` against the head; wall time, and the peak PSS of the job's driver plus the
     head's session (Ray's processes, Train workers, Ray Data tasks) while it runs."""
     print("$ " + " ".join(cmd[1:]), flush=True)
+    started = time.time()
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -99,7 +105,23 @@ def _run(cmd: list[str], env: dict, log_path: Path, period: float, session: int)
         raise SystemExit(f"{cmd[1]} exited with {rc}; output in {log_path}")
     # the driver is its own session's only process here; the peaks of the two need not coincide,
     # so their sum bounds the job's peak from above
-    return {"wall_s": wall, "peak_pss_gib": sum(s.peak_kib for s in samplers) / 2**20}
+    return {"wall_s": wall, "peak_pss_gib": sum(s.peak_kib for s in samplers) / 2**20,
+            "started": started, "ended": started + wall}
+
+
+def timeline(sweep_dir: Path, started: float, ended: float) -> dict:
+    """Where a sweep of trials run one at a time spends its wall time outside them: seconds from the
+    driver's start to the first trial's start, between one trial's last report and the next one's
+    start, and from the last report to the driver's end (from each trial's ``result.json``)."""
+    spans = []
+    for path in sweep_dir.glob("*/result.json"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if rows:
+            spans.append((rows[0]["timestamp"] - rows[0]["time_this_iter_s"], rows[-1]["timestamp"]))
+    spans.sort()
+    return {"before_first_s": spans[0][0] - started,
+            "between_s": [nxt[0] - prev[1] for prev, nxt in zip(spans, spans[1:])],
+            "after_last_s": ended - spans[-1][1]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows = list(csv.DictReader(f))
             assert len(rows) == len(CONFIGS) and all(r_["status"] == "completed" for r_ in rows), rows
             r["trial_s"] = [float(r_["time_s"]) for r_ in rows]
+            if concurrent == 1:
+                r["timeline"] = timeline(work / "runs" / name, r["started"], r["ended"])
     finally:
         _stop_head(head)
         for by_product in ("runs", "ray"):  # checkpoints and Ray's session files; the logs stay
@@ -157,10 +181,17 @@ def main(argv: list[str] | None = None) -> None:
           f"(median, Tune's time_total_s): {trial_wall:.1f} s")
     print(f"Tune overhead per trial at 1 at once: {overhead:.1f} s = {overhead / trial_wall:.1%} of a trial "
           f"(goal <= {goal:.1f} s: {'met' if overhead <= goal else 'NOT met'})")
+    line = one["timeline"]
+    between = statistics.mean(line["between_s"])
+    print(f"  of which one-off: driver start to the first trial {line['before_first_s']:.1f} s, last trial's last "
+          f"report to the end {line['after_last_s']:.1f} s; between trials (last report to the next start) "
+          + " / ".join(f"{g:.1f}" for g in line["between_s"])
+          + f" s, mean {between:.1f} s (goal <= {goal:.1f} s: {'met' if between <= goal else 'NOT met'})")
     print(f"sweep (1 at once) / jobs in turn: {one['wall_s'] / seq_wall:.2f}x wall")
     if args.json:
         Path(args.json).write_text(json.dumps({"settings": vars(args), "sequential": seq, "sweeps": sweeps,
-                                               "overhead_per_trial_s": overhead}, indent=2))
+                                               "overhead_per_trial_s": overhead,
+                                               "between_trials_mean_s": between}, indent=2))
         print(f"figures written to {args.json}")
 
 
