@@ -107,9 +107,13 @@ class _Progress:
     start: float
     done: int = 0
 
+    @property
+    def own(self) -> int:
+        return len(range(self.rank, self.total, self.world_size))
+
     def tick(self) -> None:
         self.done += 1
-        own = len(range(self.rank, self.total, self.world_size))
+        own = self.own
         if self.rank == 0 and (self.done % PROGRESS_EVERY == 0 or self.done == own):
             rate = self.done / max(time.perf_counter() - self.start, 1e-9)
             log.info("evaluation: %d/%d images on rank 0 (%.1f images/s, eta %s, %d ranks, %d images in all)",
@@ -209,4 +213,3 @@ def evaluate_model(
         log.info("evaluation done: %s", "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                                                   if not math.isnan(v)))
     return metrics
-
