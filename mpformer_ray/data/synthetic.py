@@ -14,6 +14,7 @@ back to exactly the masks in the panoptic PNGs.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import zlib
 from collections.abc import Callable, Iterator
@@ -190,7 +191,7 @@ def _bbox(mask: np.ndarray) -> list[float]:
     return [float(v) for v in mask_util.toBbox(mask_util.encode(np.asfortranarray(mask.astype(np.uint8))))]
 
 
-VARIANTS = ("easy", "hard")
+VARIANTS = ("easy", "medium", "hard")
 
 
 def synthetic_variant(variant: str) -> tuple[list[dict], list[int], Callable[..., Iterator[dict]]]:
@@ -198,10 +199,10 @@ def synthetic_variant(variant: str) -> tuple[list[dict], list[int], Callable[...
     "easy" is this module's, "hard" is ``synthetic_hard``'s."""
     if variant == "easy":
         return SYNTHETIC_CLASSES, COCO_SOURCE_IDS, generate_scenes
-    if variant == "hard":
+    if variant in ("medium", "hard"):
         # imported here: the hard generator builds on this module's rasterizer
         from mpformer_ray.data.synthetic_hard import HARD_CLASSES, HARD_SOURCE_IDS, generate_hard_scenes
-        return HARD_CLASSES, HARD_SOURCE_IDS, generate_hard_scenes
+        return HARD_CLASSES, HARD_SOURCE_IDS, functools.partial(generate_hard_scenes, colour_cue=variant == "medium")
     raise ValueError(f"unknown synthetic variant {variant!r}: choose one of {list(VARIANTS)} "
                      "(data.synthetic.variant, or prepare_data.py --variant)")
 

@@ -14,6 +14,10 @@ background, so a small model nearly solves it and methods cannot be told apart. 
 - A crowd region in every third image: a cluster of small instances of one class annotated as
   one ``iscrowd`` region, which evaluation ignores as COCO's does.
 
+The medium variant (``colour_cue``) paints the same scenes with a colour cue: thing classes 2k and 2k+1
+share a hue (they differ in shape) and every stuff class has a hue of its own, so a tiny model learns it
+within a CPU budget, where on the hard variant it stays at the floor.
+
 Scenes are deterministic functions of a seed. ``synthetic.write_coco_layout(..., variant="hard")``
 writes them in the same COCO layout as the easy set; unoccluded polygon shapes keep their
 polygons (decoding to exactly the panoptic mask), everything else is written as RLE.
@@ -21,6 +25,7 @@ polygons (decoding to exactly the panoptic mask), everything else is written as 
 
 from __future__ import annotations
 
+import colorsys
 from collections.abc import Iterator
 
 import numpy as np
@@ -59,6 +64,16 @@ SMALL_CLASSES = [i for i, (_, shape, _) in enumerate(_THINGS) if shape in ("dot"
 # Crowds gather compact shapes; a crowd of bars would read as texture, not as separate objects.
 _CROWD_CLASSES = [i for i, (_, shape, _) in enumerate(_THINGS)
                   if shape in ("square", "disk", "triangle", "hexagon", "star", "dot")]
+
+# The medium variant's colour cue: thing classes 2k and 2k+1 share colour family k (they differ in shape),
+# every stuff class has a family of its own.
+_FAMILIES = (len(_THINGS) + 1) // 2 + len(_STUFF)
+
+
+def _family(cls: int) -> int:
+    """Class ``cls``'s colour family in the medium variant, 0 .. _FAMILIES - 1."""
+    return cls // 2 if cls < len(_THINGS) else (len(_THINGS) + 1) // 2 + cls - len(_THINGS)
+
 
 _MIN_VISIBLE = 0.3  # a later shape may not hide more than 70% of an earlier one (it stays learnable)
 _MIN_AREA = 5  # pixels: smaller drawn shapes are redrawn
@@ -178,23 +193,34 @@ def _texture(rng: np.random.Generator, kind: str, yy: np.ndarray, xx: np.ndarray
     return np.zeros(yy.shape)  # "flat": a plain colour (thin and small things carry no texture)
 
 
-def _paint(rng: np.random.Generator, image: np.ndarray, region: np.ndarray, kind: str, contrast: bool) -> None:
-    """Paint ``region`` (bool [H, W]) of ``image`` in a random colour with texture ``kind``; with
-    ``contrast`` the colour is redrawn (a few times) until it stands out from what the region covers,
-    so a plain-coloured thin or small thing does not vanish into a same-coloured background."""
-    colour = rng.uniform(20, 235, 3)
+def _colour(rng: np.random.Generator, family: int | None) -> np.ndarray:
+    """A random RGB colour [3] in 0..255: from the shared range, or (``family`` given) of that colour
+    family's hue with random saturation and brightness."""
+    if family is None:
+        return rng.uniform(20, 235, 3)
+    hue = (family / _FAMILIES + rng.uniform(-0.015, 0.015)) % 1.0
+    return np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.5, 0.95), rng.uniform(0.45, 0.95))) * 255
+
+
+def _paint(rng: np.random.Generator, image: np.ndarray, region: np.ndarray, kind: str, contrast: bool,
+           family: int | None = None) -> None:
+    """Paint ``region`` (bool [H, W]) of ``image`` in a random colour (of colour ``family``, if given) with
+    texture ``kind``; with ``contrast`` the colour is redrawn (a few times) until it stands out from what
+    the region covers, so a plain-coloured thin or small thing does not vanish into a same-coloured
+    background."""
+    colour = _colour(rng, family)
     if contrast:
         beneath = image[region].mean(axis=0)
         for _ in range(8):
             if np.linalg.norm(colour - beneath) >= _MIN_CONTRAST:
                 break
-            colour = rng.uniform(20, 235, 3)
+            colour = _colour(rng, family)
     yy, xx = np.nonzero(region)
     image[yy, xx] = colour + _TEXTURE_AMPLITUDE * _texture(rng, kind, yy.astype(np.float32),
                                                            xx.astype(np.float32))[:, None]
 
 
-def _background(rng: np.random.Generator, image: np.ndarray) -> list[tuple]:
+def _background(rng: np.random.Generator, image: np.ndarray, colour_cue: bool) -> list[tuple]:
     """Paint 2-4 stuff classes in warped Voronoi regions plus unlabelled soft blobs into ``image``
     (float [H, W, 3]); returns [(stuff class id, bool [H, W] region)] for the classes that got pixels."""
     height, width = image.shape[:2]
@@ -209,7 +235,8 @@ def _background(rng: np.random.Generator, image: np.ndarray) -> list[tuple]:
     for stuff in chosen:
         region = label == stuff
         if region.any():
-            _paint(rng, image, region, _STUFF[stuff][1], contrast=False)
+            _paint(rng, image, region, _STUFF[stuff][1], contrast=False,
+                   family=_family(len(_THINGS) + int(stuff)) if colour_cue else None)
             regions.append((len(_THINGS) + int(stuff), region))
     for _ in range(int(rng.integers(4, 10))):  # clutter: soft-edged, so never mistaken for a thing
         cy, cx, sigma = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(2.0, 7.0)
@@ -234,7 +261,8 @@ def _crowd(rng: np.random.Generator, cls: int, height: int, width: int) -> tuple
     return np.logical_or.reduce(members), members
 
 
-def generate_hard_scene(rng: np.random.Generator, height: int, width: int, *, crowd: bool = False) -> dict:
+def generate_hard_scene(rng: np.random.Generator, height: int, width: int, *, crowd: bool = False,
+                        colour_cue: bool = False) -> dict:
     """One scene, in ``synthetic.generate_scene``'s format plus each segment's drawn area.
 
     Returns {"image": uint8 [H, W, 3], "segments": [{"class_id": int, "mask": bool [H, W] (visible
@@ -243,7 +271,7 @@ def generate_hard_scene(rng: np.random.Generator, height: int, width: int, *, cr
     ``crowd`` adds one crowd region at a random depth among the things.
     """
     image = np.zeros((height, width, 3), np.float32)
-    stuff = _background(rng, image)
+    stuff = _background(rng, image, colour_cue)
 
     plan = [("single", int(c)) for c in rng.integers(0, len(_THINGS), int(rng.integers(4, 13)))]
     if crowd:
@@ -267,7 +295,7 @@ def generate_hard_scene(rng: np.random.Generator, height: int, width: int, *, cr
                 t["mask"] = t["mask"] & ~full
                 t["polygons"] = None  # occluded: only an RLE describes the visible part exactly
         for member in members:
-            _paint(rng, image, member, _THINGS[cls][2], contrast=True)
+            _paint(rng, image, member, _THINGS[cls][2], contrast=True, family=_family(cls) if colour_cue else None)
         things.append({"class_id": cls, "mask": full.copy(), "full": full, "polygons": polygons,
                        "iscrowd": kind == "crowd"})
 
@@ -283,7 +311,9 @@ def generate_hard_scene(rng: np.random.Generator, height: int, width: int, *, cr
     return {"image": np.clip(image, 0, 255).astype(np.uint8), "segments": segments}
 
 
-def generate_hard_scenes(num: int, height: int, width: int, seed: int) -> Iterator[dict]:
-    """``num`` deterministic hard scenes; every third (from the 2nd) holds a crowd region."""
+def generate_hard_scenes(num: int, height: int, width: int, seed: int, colour_cue: bool = False) -> Iterator[dict]:
+    """``num`` deterministic hard scenes (medium ones with ``colour_cue``); every third (from the 2nd)
+    holds a crowd region."""
     for i in range(num):
-        yield generate_hard_scene(np.random.default_rng([seed, i]), height, width, crowd=i % 3 == 1)
+        yield generate_hard_scene(np.random.default_rng([seed, i]), height, width, crowd=i % 3 == 1,
+                                  colour_cue=colour_cue)
