@@ -1,7 +1,7 @@
 """Does mask piloting pay off? The report of an ablation sweep (issue 14).
 
-Reads a finished sweep of ``jobs/tune.py`` from its storage (local path or ``s3://``) and writes
-``pilot_study.md`` plus PNGs into ``--out`` (default ``benchmarks/results/``):
+Reads one or more finished sweeps of ``jobs/tune.py`` from their storage (local path or ``s3://``) as one
+study and writes ``{--name}.md`` plus PNGs into ``--out`` (defaults ``pilot_study``, ``benchmarks/results/``):
 
 - PQ, mask AP and mIoU at 25 / 50 / 100 % of the schedule, mean +/- std over seeds, per arm;
 - every run's learning curves;
@@ -15,8 +15,11 @@ Reads a finished sweep of ``jobs/tune.py`` from its storage (local path or ``s3:
 What it reads under the sweep's URI (``mpformer_ray/tune/sweep.py``): ``sweep.json`` (the base config and
 the sweep file), ``trials.csv`` (``report.trials_table``: trial, status, searched fields) and each trial's
 ``<trial_id>/result.json`` (Tune's log of the evaluations the trial reported, one JSON object a line).
-An arm is one combination of the searched fields other than ``train.seed``; the baseline is the arm with
-``model.pilot.enabled`` false. Trials that did not complete are listed and left out of the statistics.
+An arm is one set of effective pilot settings (the base config's ``model.pilot`` with the trial's searched
+values), so a second sweep can add an arm: e.g. the best setting of an Optuna sweep, run over the seeds with
+``configs/sweeps/seeds.yaml``. The sweeps must agree on everything else (data, model, schedule). The baseline
+is the arm with ``model.pilot.enabled`` false. Trials that did not complete are listed and left out of the
+statistics.
 
 The study, sized for the 2-core machine (benchmarks/results/pilot_fidelity.md, "Sizing the study"): the
 ``tiny-hard`` preset as it is (128 px crops, 2 workers x batch 4), pilot off / released defaults x 3 seeds,
@@ -31,6 +34,7 @@ validation images, one trial at a time; about 42 minutes on an otherwise idle ma
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -44,6 +48,7 @@ from ray.tune import Result
 from scipy import stats
 
 from mpformer_ray import storage
+from mpformer_ray.config import PilotConfig
 from mpformer_ray.tune import report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,10 +73,9 @@ class Run:
 
 @dataclass
 class Study:
-    uri: str
-    config: dict  # the sweep's base config (Config.to_dict())
-    sweep: dict  # the sweep file as the sweep job read it
-    params: list[str]  # the searched fields
+    uris: list[str]  # the sweeps
+    config: dict  # the first sweep's base config (Config.to_dict()); the others agree but for model.pilot
+    params: list[str]  # the fields any sweep searched
     runs: list[Run]
     baseline: str | None  # the pilot-off arm
 
@@ -89,13 +93,18 @@ class Study:
                       key=lambda r: (r.seed is None, r.seed))
 
 
-def _arm_label(values: dict) -> str:
-    if PILOT in values and not values[PILOT]:
+def _arm_label(pilot: dict) -> str:
+    """The arm of a trial whose effective ``model.pilot`` settings are ``pilot``: "pilot off", "pilot on
+    (released defaults)" or "pilot on (the settings that differ from them)"."""
+    if not pilot["enabled"]:
         return "pilot off"
-    if list(values) == [PILOT]:
-        return "pilot on"
-    parts = [f"{k.removeprefix('model.pilot.')}={v}" for k, v in values.items() if k != PILOT]
-    return "pilot on" + (f" ({', '.join(parts)})" if parts else "")
+    released = dataclasses.asdict(PilotConfig())
+    parts = [f"{k}={_short(v)}" for k, v in pilot.items() if k in released and v != released[k]]
+    return f"pilot on ({', '.join(parts) or 'released defaults'})"
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _history(uri: str, endpoint: str | None) -> list[dict]:
@@ -108,34 +117,54 @@ def _history(uri: str, endpoint: str | None) -> list[dict]:
     return [by_iteration[i] for i in sorted(by_iteration)]
 
 
-def load_study(uri: str, endpoint_url: str | None = None) -> Study:
-    """The ablation sweep at ``uri``; a ValueError naming the file when it is not a finished sweep."""
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted fields where the nested dicts ``a`` and ``b`` differ."""
+    out = []
+    for key in sorted(a.keys() | b.keys()):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def load_study(uris: list[str], endpoint_url: str | None = None) -> Study:
+    """The sweeps at ``uris`` as one study; a ValueError naming the file when one is not a finished sweep, or
+    naming the fields when they differ in more than the pilot settings and the seed."""
     endpoint = storage.endpoint_for(endpoint_url)
-    for name in ("sweep.json", "trials.csv"):
-        if not storage.exists(storage.join(uri, name), endpoint):
-            raise ValueError(f"{storage.join(uri, name)} does not exist: not a finished sweep of jobs/tune.py "
-                             "(rerun the sweep's command to finish it; it reruns no finished trial)")
-    state = json.loads(storage.read_bytes(storage.join(uri, "sweep.json"), endpoint))
-    params = [p["name"] for p in state["sweep"]["params"]]
-    table = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(uri, "trials.csv"), endpoint)))
-    baseline = None
-    runs = []
-    for row in table.to_dict("records"):
-        values = {p: _plain(row[p]) for p in params if p in row}
-        arm_values = {p: v for p, v in values.items() if p != SEED}
-        arm = _arm_label(arm_values)
-        if arm_values.get(PILOT) is False:
-            baseline = arm
-        trial_uri = storage.join(uri, str(row["trial"]))
-        evals = _history(trial_uri, endpoint)
-        history = pd.DataFrame(evals).drop(columns=["config"], errors="ignore")
-        last = evals[-1] if evals else {}
-        result = Result(metrics={**last, "trial_id": str(row["trial"])}, checkpoint=None, error=None, path=trial_uri,
-                        metrics_dataframe=history if evals else None)
-        seed = values.get(SEED, state["config"]["train"]["seed"])
-        runs.append(Run(str(row["trial"]), arm, None if seed is None else int(seed), str(row["status"]), history,
-                        result))
-    return Study(uri, state["config"], state["sweep"], params, runs, baseline)
+    config, params, runs = None, [], []
+    for uri in uris:
+        for name in ("sweep.json", "trials.csv"):
+            if not storage.exists(storage.join(uri, name), endpoint):
+                raise ValueError(f"{storage.join(uri, name)} does not exist: not a finished sweep of jobs/tune.py "
+                                 "(rerun the sweep's command to finish it; it reruns no finished trial)")
+        state = json.loads(storage.read_bytes(storage.join(uri, "sweep.json"), endpoint))
+        if config is None:
+            config = state["config"]
+        searched = [p["name"] for p in state["sweep"]["params"]]
+        clash = [f for f in _differences(config, state["config"])
+                 if f != SEED and not f.startswith(("model.pilot.", "run.", "storage."))]
+        if clash:
+            raise ValueError(f"{storage.join(uri, 'sweep.json')}: its base config differs from {uris[0]}'s in "
+                             f"{', '.join(clash)}; a study compares pilot settings with everything else equal")
+        params += [p for p in searched if p not in params]
+        table = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(uri, "trials.csv"), endpoint)))
+        for row in table.to_dict("records"):
+            values = {p: _plain(row[p]) for p in searched if p in row}
+            pilot = dict(state["config"]["model"]["pilot"])
+            pilot.update({k.removeprefix("model.pilot."): v for k, v in values.items() if k.startswith("model.pilot.")})
+            trial_uri = storage.join(uri, str(row["trial"]))
+            evals = _history(trial_uri, endpoint)
+            history = pd.DataFrame(evals).drop(columns=["config"], errors="ignore")
+            last = evals[-1] if evals else {}
+            result = Result(metrics={**last, "trial_id": str(row["trial"])}, checkpoint=None, error=None,
+                            path=trial_uri, metrics_dataframe=history if evals else None)
+            seed = values.get(SEED, state["config"]["train"]["seed"])
+            runs.append(Run(str(row["trial"]), _arm_label(pilot), None if seed is None else int(seed),
+                            str(row["status"]), history, result))
+    baseline = "pilot off" if any(r.arm == "pilot off" for r in runs) else None
+    return Study(list(uris), config, params, runs, baseline)
 
 
 def _plain(value):
@@ -260,14 +289,15 @@ def consistency_png(study: Study, table: dict[str, list[tuple[float, float]]]) -
     return report._png(fig)
 
 
-def build_report(study: Study) -> tuple[str, dict[str, bytes]]:
-    """(markdown, {png name: bytes}) for ``study``."""
+def build_report(study: Study, name: str = "pilot_study") -> tuple[str, dict[str, bytes]]:
+    """(markdown, {png file name: bytes}) for ``study``; the PNGs are named after ``name``."""
     cfg, max_iters = study.config, study.max_iters
     arms = study.arms()
     syn, data, train, model = cfg["data"]["synthetic"], cfg["data"], cfg["train"], cfg["model"]
     lines = ["# Does mask piloting pay off? (issue 14)", "",
-             (f"Sweep `{study.uri}`: {len(study.runs)} trials, searched fields "
-             f"{', '.join(f'`{p}`' for p in study.params)}; built by `benchmarks/pilot_study.py`."), "",
+             (f"{'Sweep' if len(study.uris) == 1 else 'Sweeps'} {', '.join(f'`{u}`' for u in study.uris)}: "
+              f"{len(study.runs)} trials, searched fields {', '.join(f'`{p}`' for p in study.params)}; built by "
+              "`benchmarks/pilot_study.py`."), "",
              "## Benchmark", ""]
     if data["train"]:
         lines.append(f"Data: `{data['train']}` (train), `{data['val']}` (val).")
@@ -275,11 +305,11 @@ def build_report(study: Study) -> tuple[str, dict[str, bytes]]:
         lines.append(f"Embedded synthetic benchmark, variant `{syn['variant']}`: generator seed {syn['seed']}, "
                      f"{syn['num_train']} training and {syn['num_val']} validation images of "
                      f"{syn['image_size']} x {syn['image_size']} px.")
+    released = PilotConfig()
     lines += ["", (f"Model `{model['backbone']}`, {model['dec_layers']} decoder layers, {model['num_queries']} queries, "
-              f"{model['num_classes']} classes; pilot settings of the piloted arm: groups {model['pilot']['groups']}, "
-              f"mask noise `{model['pilot']['mask_noise']}` {model['pilot']['noise_ratio']}, label noise "
-              f"{model['pilot']['label_noise']}, layers `{model['pilot']['layers']}`, class loss "
-              f"{model['pilot']['class_loss']}."),
+              f"{model['num_classes']} classes. Arms are named by their pilot settings; the released defaults are "
+              f"groups {released.groups}, mask noise `{released.mask_noise}` {released.noise_ratio}, label noise "
+              f"{released.label_noise}, layers `{released.layers}`, class loss {released.class_loss}."),
               (f"Schedule: {max_iters} iterations, {train['workers']} workers x batch {train['batch_size']}, crop "
               f"{data['crop_size']}, lr {train['lr']}, evaluation every {train['eval_period']} iterations on "
               f"{train['eval_max_images'] or 'all'} validation images."), ""]
@@ -368,33 +398,36 @@ def build_report(study: Study) -> tuple[str, dict[str, bytes]]:
                          f"PQ {pq:+.2f} (p {tests[(arm, 'panoptic/PQ')]['p']:.3f}), mean consistency "
                          f"{arm_c[0]:.3f} vs {base_c[0]:.3f}.")
 
-    pngs = {"pilot_study_curves.png": curves_png(study)}
-    lines += ["", "## Plots", "", "![learning curves](pilot_study_curves.png)"]
+    pngs = {f"{name}_curves.png": curves_png(study)}
+    lines += ["", "## Plots", "", f"![learning curves]({name}_curves.png)"]
     if pairs:
-        pngs["pilot_study_consistency.png"] = consistency_png(study, consistency)
-        lines.append("![per-layer consistency](pilot_study_consistency.png)")
+        pngs[f"{name}_consistency.png"] = consistency_png(study, consistency)
+        lines.append(f"![per-layer consistency]({name}_consistency.png)")
     return "\n".join(lines) + "\n", pngs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep", help="the sweep's URI: {storage.uri}/{run.name} of jobs/tune.py (local or s3://)")
+    parser.add_argument("sweeps", nargs="+", metavar="sweep",
+                        help="a sweep's URI: {storage.uri}/{run.name} of jobs/tune.py (local or s3://); several "
+                             "sweeps of the same benchmark and schedule make one study")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for the report")
+    parser.add_argument("--name", default="pilot_study", help="file name stem of the report and its PNGs")
     parser.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     args = parser.parse_args(argv)
     try:
-        study = load_study(storage.absolute(args.sweep), args.endpoint_url)
+        study = load_study([storage.absolute(u) for u in args.sweeps], args.endpoint_url)
     except ValueError as e:
         print(f"pilot_study: {e}", file=sys.stderr)
         return 2
-    text, pngs = build_report(study)
+    text, pngs = build_report(study, args.name)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pilot_study.md").write_text(text)
+    (out / f"{args.name}.md").write_text(text)
     for name, data in pngs.items():
         (out / name).write_bytes(data)
     print(text)
-    print(f"written: {out / 'pilot_study.md'} and {', '.join(pngs)}")
+    print(f"written: {out / (args.name + '.md')} and {', '.join(pngs)}")
     return 0
 
 

@@ -1,9 +1,10 @@
-"""The hard embedded benchmark (``data.synthetic.variant=hard``): its statistics against the spec,
-determinism down to the written files, the COCO converter path to records, crowd regions ignored by
-PQ, a cache kept apart from the easy set, and the ``tiny-hard`` preset."""
+"""The hard embedded benchmark (``data.synthetic.variant=hard``) and its colour-cued medium variant:
+their statistics against the spec, determinism down to the written files, the COCO converter path to
+records, crowd regions ignored by PQ, caches kept apart, and the ``tiny-hard`` / ``tiny-medium`` presets."""
 
 from __future__ import annotations
 
+import colorsys
 import dataclasses
 import importlib.util
 import json
@@ -37,6 +38,11 @@ def scenes() -> list[dict]:
     return list(generate_hard_scenes(24, SIZE, SIZE, seed=5))
 
 
+@pytest.fixture(scope="module")
+def medium_scenes() -> list[dict]:
+    return list(generate_hard_scenes(24, SIZE, SIZE, seed=5, colour_cue=True))
+
+
 def _fits(mask: np.ndarray, k: int) -> bool:
     """Whether a k x k square of pixels lies entirely inside ``mask``."""
     return bool(sliding_window_view(mask, (k, k)).all(axis=(-1, -2)).any())
@@ -52,7 +58,9 @@ def test_scenes_are_deterministic_for_a_seed(scenes):
     assert not np.array_equal(next(generate_hard_scenes(1, SIZE, SIZE, seed=6))["image"], scenes[0]["image"])
 
 
-def test_statistics_match_the_spec(scenes):
+def _check_spec(scenes: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Assert the scene statistics both variants share; return the non-crowd things' mean colours [n, 3]
+    and classes [n]."""
     classes, per_image, thin, small, occluded, things = set(), [], 0, 0, 0, 0
     colours, labels = [], []
     for i, scene in enumerate(scenes):
@@ -85,12 +93,25 @@ def test_statistics_match_the_spec(scenes):
     assert classes == set(range(20)) and len(THINGS) == 14
     assert min(per_image) >= 4 and max(per_image) <= 12 and min(per_image) <= 5 and max(per_image) >= 11
     assert thin >= 5 and small >= 5 and occluded >= 0.2 * things
+    return np.array(colours), np.array(labels)
+
+
+def test_statistics_match_the_spec(scenes):
+    colours, labels = _check_spec(scenes)
     # colour alone does not tell the classes apart: nearest mean colour is no better than a guess
-    colours, labels = np.array(colours), np.array(labels)
     half = len(labels) // 2
     means = np.array([colours[:half][labels[:half] == c].mean(axis=0) for c in THINGS])
     guess = np.argmin(((colours[half:, None] - means[None]) ** 2).sum(-1), axis=1)
     assert (guess == labels[half:]).mean() < 0.25
+
+
+def test_medium_scenes_add_a_colour_cue_to_the_same_spec(medium_scenes):
+    colours, labels = _check_spec(medium_scenes)
+    # a thing's hue names its pair of classes (2k, 2k + 1) and nothing more; the pairs' hues are 1/13 apart
+    hues = np.array([colorsys.rgb_to_hsv(*(c / 255))[0] for c in colours])
+    family = np.rint(hues * 13).astype(int) % 13
+    assert (family == labels // 2).mean() > 0.9
+    assert set(labels % 2) == {0, 1}  # both classes of a pair occur, so hue alone leaves shape to learn
 
 
 def test_layout_is_reproducible_and_converts_like_coco(tmp_path):
@@ -143,7 +164,9 @@ def test_ensure_synthetic_keeps_variants_apart(tmp_path):
     easy = SyntheticConfig(root=str(tmp_path), num_train=4, num_val=2, image_size=48, seed=0)
     hard = dataclasses.replace(easy, variant="hard")
     easy_uris, hard_uris = ensure_synthetic(easy), ensure_synthetic(hard)
-    assert set(easy_uris).isdisjoint(hard_uris)
+    medium_uris = ensure_synthetic(dataclasses.replace(easy, variant="medium"))
+    assert len({*easy_uris, *hard_uris, *medium_uris}) == 6
+    assert [c["name"] for c in read_manifest(medium_uris[0])["classes"]] == [c["name"] for c in HARD_CLASSES]
     assert len(read_manifest(easy_uris[0])["classes"]) == 6
     assert [c["name"] for c in read_manifest(hard_uris[1])["classes"]] == [c["name"] for c in HARD_CLASSES]
     assert ensure_synthetic(hard) == hard_uris
@@ -160,11 +183,14 @@ def test_prepare_data_job_takes_the_variant(tmp_path):
     assert manifest["dataset"] == "synthetic" and len(manifest["classes"]) == 20
 
 
-def test_tiny_hard_preset_matches_the_generator():
-    cfg = load_config("tiny-hard")
-    assert cfg.data.synthetic.variant == "hard" and load_config("tiny").data.synthetic.variant == "easy"
+@pytest.mark.parametrize("preset, variant", [("tiny-hard", "hard"), ("tiny-medium", "medium")])
+def test_tiny_hard_and_medium_presets_match_the_generator(preset, variant):
+    cfg = load_config(preset)
+    assert cfg.data.synthetic.variant == variant and load_config("tiny").data.synthetic.variant == "easy"
     assert cfg.model.num_classes == len(HARD_CLASSES) and cfg.model.thing_classes == THINGS
     assert cfg.model.num_queries >= 12 + 1 + 4  # most things + a crowd + most stuff segments in one image
     assert cfg.data.synthetic.num_train // (cfg.train.batch_size * cfg.train.workers) > 100  # iterations per epoch
-    with pytest.raises(ConfigError, match=r"data\.synthetic\.variant.*'medium' is not one of \['easy', 'hard'\]"):
-        load_config("tiny", ["data.synthetic.variant=medium"])
+    assert cfg.train.max_iters % cfg.train.eval_period == 0  # an evaluation at the end of the schedule
+    with pytest.raises(ConfigError, match=r"data\.synthetic\.variant.*'extreme' is not one of "
+                                          r"\['easy', 'medium', 'hard'\]"):
+        load_config("tiny", ["data.synthetic.variant=extreme"])
