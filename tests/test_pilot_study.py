@@ -132,7 +132,7 @@ def test_a_second_sweep_adds_an_arm(sweep_dir: Path, tmp_path: Path):
     assert {p.name for p in out.iterdir()} == {"study.md", "study_curves.png", "study_consistency.png"}
     assert "![learning curves](study_curves.png)" in text
     arm = "pilot on (groups=2, label_noise=0.35)"
-    assert sum(line.startswith(f"| best_0000") and f"| {arm} |" in line for line in text.splitlines()) == 3
+    assert sum(line.startswith("| best_0000") and f"| {arm} |" in line for line in text.splitlines()) == 3
     row = next(line for line in text.splitlines() if line.startswith(f"| {arm} | 3 |"))
     assert row.split(" | ")[4] == "17.0 ± 2.6"  # PQ at the end: 16, 15, 20
     want = stats.ttest_rel([16.0, 15.0, 20.0], [10.0, 12.0, 14.0], alternative="greater")
