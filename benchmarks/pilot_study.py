@@ -24,16 +24,14 @@ statistics.
 The study, sized for the 2-core machine: the ``tiny-medium`` preset as it is (the medium embedded benchmark,
 128 px crops, 2 workers x batch 4, 1000 iterations = 8 epochs, evaluated every 250 on all 100 validation
 images), one trial at a time. Pilot off and the released defaults over seeds 0-2 (about an hour); the third
-arm is the best of a small Optuna search at half the schedule, ranked by mask AP (PQ, the default rank, is
-at or near 0 that early: few queries clear the 0.8 panoptic score threshold), then trained over the same
-seeds (about 45 minutes more):
+arm is the best of a small Optuna search at half the schedule (by PQ, as every sweep ranks), then trained
+over the same seeds (about 45 minutes more):
 
     python jobs/tune.py --config tiny-medium --space ablation --set run.name=pilot-ablation-medium
     python jobs/tune.py --config tiny-medium --space pilot-search --set train.max_iters=500 \
-        train.eval_period=250 train.checkpoint_period=250 model.test.panoptic_on=false run.name=pilot-search-medium
+        train.eval_period=250 train.checkpoint_period=250 run.name=pilot-search-medium
     python jobs/tune.py --config runs/pilot-search-medium/best_config.yaml --space seeds --set \
-        train.max_iters=1000 train.eval_period=250 train.checkpoint_period=250 model.test.panoptic_on=true \
-        run.name=pilot-best-medium
+        train.max_iters=1000 train.eval_period=250 train.checkpoint_period=250 run.name=pilot-best-medium
     python benchmarks/pilot_study.py runs/pilot-ablation-medium runs/pilot-best-medium
 
 On the hard benchmark (``tiny-hard``) the tiny model stays at PQ 0 for longer than a CPU allows; its
