@@ -63,7 +63,6 @@ ROOT = Path(__file__).resolve().parent.parent
 METRICS = {"panoptic/PQ": "PQ", "segm/AP": "AP", "sem_seg/mIoU": "mIoU"}
 FRACTIONS = (0.25, 0.5, 1.0)
 SEED = "train.seed"
-PILOT = "model.pilot.enabled"
 GOAL_POINTS = 2.0  # the goal: at least +2 AP and +2 PQ over pilot off
 
 
