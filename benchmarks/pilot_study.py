@@ -7,6 +7,7 @@ study and writes ``{--name}.md`` plus PNGs into ``--out`` (defaults ``pilot_stud
 - every run's learning curves;
 - per-layer mask consistency (IoU of layer k's and layer k+1's masks of the matched queries; see
   ``mpformer_ray/evaluation/consistency.py``) at the last evaluation, with and without the pilot;
+- PQ, SQ and RQ of things and of stuff at the end;
 - wall time and training images/s per arm (the pilot's training cost);
 - a one-sided paired t-test over seeds (``scipy.stats.ttest_rel(on, off, alternative="greater")``) of each
   piloted arm against pilot off, and the issue's goal (+2 AP and +2 PQ, higher consistency) met or not;
@@ -62,6 +63,7 @@ from mpformer_ray.tune import report
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = {"panoptic/PQ": "PQ", "segm/AP": "AP", "sem_seg/mIoU": "mIoU"}
 FRACTIONS = (0.25, 0.5, 1.0)
+PANOPTIC_PARTS = ("PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
 SEED = "train.seed"
 GOAL_POINTS = 2.0  # the issue's goal: at least +2 AP and +2 PQ over pilot off
 
@@ -362,6 +364,17 @@ def build_report(study: Study, name: str = "pilot_study") -> tuple[str, dict[str
                 diffs = ", ".join(f"{d:+.2f}" for d in test["diffs"]) or "-"
                 lines.append(f"| {arm} | {short} | {test['seeds']} | {diffs} | {test['mean_diff']:+.2f} | "
                              f"{test['t']:.2f} | {test['p']:.3f} |")
+
+    if any("panoptic/PQ_th" in r.history for r in study.runs):
+        lines += ["", "## Panoptic quality of things and stuff at the end (mean ± std over seeds)", "",
+                  ("PQ = SQ x RQ per class, averaged over classes; a predicted segment exists only when its query's "
+                   f"class score clears `model.test.object_mask_threshold` ({model['test']['object_mask_threshold']}), "
+                   "a threshold AP does not apply (it ranks every detection)."), "",
+                  "| arm | " + " | ".join(PANOPTIC_PARTS) + " |", "|" + "---|" * (1 + len(PANOPTIC_PARTS))]
+        for arm in arms:
+            runs = study.completed(arm)
+            lines.append(f"| {arm} | " + " | ".join(_pm(*mean_std([value_at(r, f"panoptic/{p}", max_iters)[0]
+                                                                   for r in runs])) for p in PANOPTIC_PARTS) + " |")
 
     pairs = consistency_pairs(study)
     consistency: dict[str, list[tuple[float, float]]] = {}

@@ -43,7 +43,9 @@ def _evaluation(trial: str, final: tuple, pilot: bool, seed: int, iteration: int
     pq, ap, miou = (v - {10: 10, 20: 5, 30: 5, 40: 0}[iteration] for v in final)
     layers = {f"consistency/layer_{i}_{i + 1}": c + 0.01 * seed for i, c in enumerate(CONSISTENCY[pilot])}
     wall = 100.0 * iteration / MAX_ITERS + (20.0 if pilot else 0.0)
-    return {"iteration": iteration, "panoptic/PQ": pq, "segm/AP": ap, "sem_seg/mIoU": miou, **layers,
+    parts = {f"panoptic/{p}_{kind}": pq + offset for p, offset in (("PQ", 0), ("SQ", 40), ("RQ", 5))
+             for kind in ("th", "st")}
+    return {"iteration": iteration, "panoptic/PQ": pq, **parts, "segm/AP": ap, "sem_seg/mIoU": miou, **layers,
             "consistency/mean": sum(layers.values()) / 3, "eval_seconds": 5.0, "num_images": 60.0,
             **({"images_per_s": 7.0 if pilot else 9.0 + seed} if iteration == MAX_ITERS else {}),
             "timestamp": started + wall, "time_this_iter_s": 25.0, "time_total_s": wall, "training_iteration":
@@ -113,6 +115,9 @@ def test_report_numbers(sweep_dir: Path, tmp_path: Path):
     assert f"+3.00, +2.00, +4.00 | +3.00 | {want.statistic:.2f} | {want.pvalue:.3f} |" in line
     line = next(line for line in text.splitlines() if line.startswith("| pilot on (released defaults) | AP |"))
     assert "| +1.00, +1.50, +0.00 | +0.83 |" in line
+    # things and stuff at the end (here PQ_th = PQ_st = PQ, SQ 40 and RQ 5 above)
+    line = next(line for line in text.splitlines() if line.startswith("| pilot off | 12.0 ± 2.0 | 52.0"))
+    assert line == "| pilot off | " + " | ".join(["12.0 ± 2.0", "52.0 ± 2.0", "17.0 ± 2.0"] * 2) + " |"
     # consistency per layer pair and wall / throughput per arm
     line = next(line for line in text.splitlines() if line.startswith("| pilot on (released defaults) | 0.8"))
     assert line.split(" | ")[1:4] == ["0.810 ± 0.010", "0.860 ± 0.010", "0.960 ± 0.010"]
