@@ -196,7 +196,7 @@ VARIANTS = ("easy", "medium", "hard")
 
 def synthetic_variant(variant: str) -> tuple[list[dict], list[int], Callable[..., Iterator[dict]]]:
     """Generator ``variant``'s (classes, their COCO category ids, ``generate_scenes``-like function):
-    "easy" is this module's, "hard" is ``synthetic_hard``'s."""
+    "easy" is this module's, "hard" is ``synthetic_hard``'s and "medium" is the same with its colour cue."""
     if variant == "easy":
         return SYNTHETIC_CLASSES, COCO_SOURCE_IDS, generate_scenes
     if variant in ("medium", "hard"):
