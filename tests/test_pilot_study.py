@@ -125,6 +125,7 @@ def test_report_numbers(sweep_dir: Path, tmp_path: Path):
     # 40 iterations x 2 workers x batch 4 in 100 s minus 4 evaluations of 5 s
     assert line == f"| pilot off | 100 ± 0 | 20 ± 0 | {320 / 80:.2f} ± 0.00 | 10.00 ± 1.00 |"
     assert "- pilot on (released defaults): NOT MET: AP +0.83" in text
+    assert "Checked because the goal is not met" in text and "pilot_fidelity.md" in text
     assert not math.isnan(want.pvalue)
 
 
