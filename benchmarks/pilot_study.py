@@ -264,16 +264,24 @@ def curves_png(study: Study) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.lines import Line2D
+
     colours, arm_of = _colours(study), {r.trial: r for r in study.runs}
+    styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.6), squeeze=False)
     for ax, (metric, short) in zip(axes[0], METRICS.items()):
         for trial, curve in report.learning_curves([r.result for r in study.runs], metric).items():
             run = arm_of[trial]
             ax.plot(curve["iteration"], curve[metric], marker=".", color=colours[run.arm],
-                    linestyle=["-", "--", ":", "-."][(run.seed or 0) % 4], label=f"{run.arm}, seed {run.seed}")
+                    linestyle=styles[(run.seed or 0) % len(styles)])
         ax.set_xlabel("iteration")
         ax.set_ylabel(short)
-    axes[0][0].legend(fontsize=7)
+    # one entry per arm and one per seed, below the plots: arm names are long, and a legend of every
+    # run would hide the curves
+    seeds = sorted({r.seed or 0 for r in study.runs})
+    handles = ([Line2D([], [], color=c, label=arm) for arm, c in colours.items()]
+               + [Line2D([], [], color="black", linestyle=styles[s % len(styles)], label=f"seed {s}") for s in seeds])
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8, frameon=False)
     fig.suptitle("learning curves (colour: arm, line style: seed)")
     return report._png(fig)
 
@@ -294,7 +302,7 @@ def consistency_png(study: Study, table: dict[str, list[tuple[float, float]]]) -
     ax.set_xlabel("decoder prediction pair (0 = query init)")
     ax.set_ylabel("mask IoU, layer k vs k+1")
     ax.set_title("per-layer mask consistency at the last evaluation (mean ± std over seeds)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     return report._png(fig)
 
 
