@@ -108,6 +108,10 @@ def exists(uri: str, endpoint_url: str | None = None) -> bool:
 
 
 def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
+    """A whole object. On S3 its size and its bytes come from two requests (pyarrow's HEAD, then a
+    ranged GET), so an object overwritten between them comes back torn: the new version cut to the
+    old one's length. Readers of objects that get overwritten while read (``latest.json``) check
+    what they read and read again."""
     fs, path = resolve(uri, endpoint_url)
     try:
         # a random-access file read with its size is one GET; a stream's read() pulls the

@@ -1,12 +1,13 @@
 """Resuming safely from what is really in a run directory: a lost or damaged latest.json, damaged
 checkpoints, checkpoints that do not fit the config, NaN metrics, what a failed preflight leaves
-behind. Real checkpoints written by the training loop, real files. (Ctrl-C and damage during a
-real jobs/train.py run: tests/test_train_e2e.py.)"""
+behind, a pointer read torn by a concurrent save on S3. Real checkpoints written by the training loop,
+real files. (Ctrl-C and damage during a real jobs/train.py run: tests/test_train_e2e.py.)"""
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,30 @@ def test_load_checkpoint_names_a_damaged_file(run):
     torch.save([1, 2], ckpt_path(run, 4))
     with pytest.raises(CheckpointError, match=rf"{ckpt_path(run, 4)}.*not a training checkpoint"):
         load_checkpoint(str(ckpt_path(run, 4)))
+
+
+def test_a_pointer_read_torn_by_a_concurrent_save_is_read_again(moto_server):
+    store = CheckpointStore(f"s3://{moto_server['bucket']}/torn-pointer")
+    uri = storage.join(store.dir, "latest.json")
+    old = json.dumps({"latest": "model_0000002.pth", "iteration": 2}).encode()
+    new = json.dumps({"latest": "model_0000004.pth", "iteration": 4, "metrics": {"panoptic/PQ": 1.0}}).encode()
+    # the tear: storage.read_bytes takes the size (pyarrow's HEAD, at open) and then the bytes; a save
+    # in between gives the new version cut to the old length
+    storage.write_bytes(uri, old)
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as f:
+        storage.write_bytes(uri, new)
+        torn = f.read(f.size())
+    assert torn == new[:len(old)]
+    # a torn copy that the next save replaces while pointer() waits to read again
+    storage.write_bytes(uri, torn)
+    save = threading.Timer(0.2, storage.write_bytes, (uri, new))
+    save.start()
+    try:
+        assert store.pointer() == json.loads(new)
+    finally:
+        save.join()
+    # one that stays damaged is reported after the store's attempts
+    storage.write_bytes(uri, torn)
+    with pytest.raises(CheckpointError, match="latest.json is damaged"):
+        store.pointer()

@@ -128,10 +128,18 @@ class CheckpointStore:
         uri = storage.join(self.dir, LATEST)
         if not storage.exists(uri, self.endpoint_url):
             return None
-        try:
-            pointer = json.loads(storage.read_bytes(uri, self.endpoint_url))
-        except ValueError as e:
-            raise CheckpointError(f"{uri} is damaged ({e})") from None
+        # An S3 read that overlaps the writer's next save comes back torn (storage.read_bytes); the
+        # save itself is atomic, so a pointer that does not parse is read again before it counts as
+        # damaged. Local pointers are replaced by a rename and never tear.
+        attempts = self.attempts if storage.is_s3(uri) else 1
+        for attempt in range(attempts):
+            try:
+                pointer = json.loads(storage.read_bytes(uri, self.endpoint_url))
+                break
+            except ValueError as e:
+                if attempt + 1 == attempts:
+                    raise CheckpointError(f"{uri} is damaged ({e})") from None
+                time.sleep(self.retry_wait_s)
         if not isinstance(pointer, dict) or not _NAME.match(str(pointer.get("latest"))):
             raise CheckpointError(f"{uri} is damaged (no \"latest\": \"model_NNNNNNN.pth\" entry)")
         return pointer
