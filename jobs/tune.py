@@ -10,7 +10,8 @@ run.name + "-sweep"). Each trial is a run of the training job (jobs/train.py's T
 {storage.uri}/{run.name}/<trial id>/. Rerunning the same command, or --resume, continues an
 interrupted sweep; for a finished one it reruns nothing and prints the results again.
 At the end: the trials table (printed, and trials.csv), best_config.yaml (train it with
-jobs/train.py --config) and plots/*.png, all under {storage.uri}/{run.name}/.
+jobs/train.py --config) and plots/*.png, all under {storage.uri}/{run.name}/. After Ctrl-C the
+same, with the trials left unfinished marked so, and exit status 130; 2 for bad input.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(summary)
-    return 0
+    # as jobs/train.py: a sweep stopped by Ctrl-C is not a success
+    return 130 if result.unfinished else 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """jobs/tune.py end to end (slow): a 4-trial Optuna + ASHA sweep on a token-authenticated Ray head
-started for the test, with data, trials and sweep state on the moto S3 server. The driver is
-killed mid-sweep (one trial finished, the next one checkpointed and running, both as Tune's saved
-experiment state says) and the same command resumes it.
+started for the test, with data, trials and sweep state on the moto S3 server. The driver gets a
+Ctrl-C mid-sweep (one trial finished, the next one checkpointed and running), the same command
+continues it, that driver is killed while a later trial trains (as Tune's saved experiment state
+says), and the same command resumes it again.
 
-Shown: no finished trial reruns, the interrupted trial resumes from its checkpoint, ASHA stops a
-trial early, every Train worker's CPU returns to the cluster, the trials table / plots /
-best_config.yaml land in the bucket, and the best config trains with jobs/train.py.
+Shown: Ctrl-C ends the job as interrupted and its table names the unfinished trial; no finished
+trial reruns, the interrupted trial resumes from its checkpoint, ASHA stops a trial early, every
+Train worker's CPU returns to the cluster, the trials table / plots / best_config.yaml land in the
+bucket, and the best config trains with jobs/train.py.
 """
 
 from __future__ import annotations
@@ -100,59 +102,93 @@ def _saved_statuses(sweep_uri: str) -> dict[str, str]:
     return {(trial := json.loads(js))["trial_id"]: trial["status"] for js, _ in state["trial_data"]}
 
 
-def test_sweep_on_s3_survives_a_killed_driver(ray_head, s3_sweep, tmp_path):
-    sweep_uri = f"{s3_sweep['storage']}/asha"
-    cmd = [sys.executable, str(REPO / "jobs" / "tune.py"), "--space", s3_sweep["space"], "--set", *TINY,
-           f"data.train={s3_sweep['train']}", f"data.val={s3_sweep['val']}", f"storage.uri={s3_sweep['storage']}",
-           "run.name=asha"]
-    # Tune saves its experiment state every 2 s instead of 10: the kill below waits for a saved state
-    # in which one trial has finished and the next one is running
-    env = client_env(ray_head["home"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=ray_head["token"],
-                     RAY_ADDRESS=ray_head["gcs"], TUNE_GLOBAL_CHECKPOINT_S="2")
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 600
-        while True:
-            saved = _saved_statuses(sweep_uri)
-            pointers = _trial_pointers(sweep_uri)
-            done = [t for t, status in saved.items() if status == "TERMINATED"]
-            running = [t for t, status in saved.items() if status == "RUNNING"
-                       and 0 < pointers.get(t, {}).get("iteration", 0) < MAX_ITERS]
-            if done and running:
-                break
-            assert proc.poll() is None, f"the sweep ended early: {(tmp_path / 'first.log').read_text()[-4000:]}"
-            assert time.time() < deadline, f"no finished and running checkpointed trials within 600 s: {saved}"
-            time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        log.close()
+def _run_until(cmd: list[str], env: dict, log_path: Path, sig: int, sweep_uri: str, ready) -> tuple[int, dict, dict]:
+    """Start the sweep, wait until ``ready(saved statuses, checkpoint pointers)`` holds, send ``sig``
+    to the driver alone (Ray's processes belong to the test's head); (exit status, saved, pointers)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 600
+            while not ready(saved := _saved_statuses(sweep_uri), pointers := _trial_pointers(sweep_uri)):
+                assert proc.poll() is None, f"the sweep ended early: {log_path.read_text()[-4000:]}"
+                assert time.time() < deadline, f"not ready within 600 s: {saved}"
+                time.sleep(0.5)
+            os.kill(proc.pid, sig)
+            return proc.wait(timeout=180), saved, pointers
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+
+def _running_with_checkpoint(saved: dict, pointers: dict, below: int = MAX_ITERS) -> list[str]:
+    """Trials Tune saved as running whose latest checkpoint is before iteration ``below``."""
+    return [t for t, status in saved.items()
+            if status == "RUNNING" and 0 < pointers.get(t, {}).get("iteration", 0) < below]
+
+
+def _wait_for_free_cpus(ray_head) -> None:
     # Ray ends a dead driver's trials (their Train workers) only after it notices; until then an
     # orphaned attempt may still checkpoint (seen in CI). A user's rerun comes later than that.
     deadline = time.time() + 120
     while (cpus := _cluster_cpus(ray_head))[1] < cpus[0]:
-        assert time.time() < deadline, f"the killed sweep's workers still hold CPUs: {cpus}"
+        assert time.time() < deadline, f"the stopped sweep's workers still hold CPUs: {cpus}"
         time.sleep(2)
+
+
+def test_sweep_on_s3_survives_ctrl_c_and_a_killed_driver(ray_head, s3_sweep, tmp_path):
+    sweep_uri = f"{s3_sweep['storage']}/asha"
+    cmd = [sys.executable, str(REPO / "jobs" / "tune.py"), "--space", s3_sweep["space"], "--set", *TINY,
+           f"data.train={s3_sweep['train']}", f"data.val={s3_sweep['val']}", f"storage.uri={s3_sweep['storage']}",
+           "run.name=asha"]
+    # Tune saves its experiment state every 2 s instead of 10: each stop below waits for a saved state
+    # in which a trial has finished and a later one is running
+    env = client_env(ray_head["home"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=ray_head["token"],
+                     RAY_ADDRESS=ray_head["gcs"], TUNE_GLOBAL_CHECKPOINT_S="2")
+
+    # Ctrl-C while the second trial trains, at its first checkpoint (8 iterations before ASHA's rung
+    # could stop it): the job says the trial is unfinished, not that ASHA stopped it, and exits as
+    # interrupted
+    early = 5
+    status, saved, pointers = _run_until(
+        cmd, env, tmp_path / "first.log", signal.SIGINT, sweep_uri,
+        ready=lambda saved, pointers: ("TERMINATED" in saved.values()
+                                       and _running_with_checkpoint(saved, pointers, early)))
+    first = (tmp_path / "first.log").read_text()
+    assert status == 130, first[-4000:]
+    cut = _running_with_checkpoint(saved, pointers, early)
+    rows = {line.split()[0]: line for line in first.splitlines() if line.split() and line.split()[0] in saved}
+    assert cut and all("unfinished (rerun to continue)" in rows[t] for t in cut), first[-4000:]
+    assert "trial(s) unfinished; rerun the same command" in first
+    _wait_for_free_cpus(ray_head)
+
+    # the rerun goes on; its driver is killed (no chance to save anything) while a later trial trains
+    earlier = {t for t, status in saved.items() if status == "TERMINATED"} | set(cut)
+    _, saved, _ = _run_until(
+        cmd, env, tmp_path / "second.log", signal.SIGKILL, sweep_uri,
+        ready=lambda saved, pointers: [t for t in _running_with_checkpoint(saved, pointers) if t not in earlier])
+    assert "resuming the sweep" in (tmp_path / "second.log").read_text()
+    _wait_for_free_cpus(ray_head)
     before = _trial_pointers(sweep_uri)
     # what the resume acts on: Tune's saved state (a trial ASHA stopped after the last save is
     # restored as running and goes on from its checkpoint too)
+    done = [t for t, status in saved.items() if status == "TERMINATED"]
     finished = {t: load_checkpoint(storage.join(sweep_uri, t, "checkpoints", before[t]["latest"]))["starts"]
                 for t in done if t in before}
-    interrupted = {t: before[t]["iteration"] for t in running}
+    interrupted = {t: before[t]["iteration"] for t in _running_with_checkpoint(saved, before) if t not in earlier}
     assert finished and interrupted, (saved, before)
 
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     out = resumed.stdout + resumed.stderr
-    (tmp_path / "second.log").write_text(out)
+    (tmp_path / "third.log").write_text(out)
     assert resumed.returncode == 0, out[-5000:]
-    assert "resuming the sweep" in out
+    assert "resuming the sweep" in out and "trial(s) unfinished" not in out
 
     # finished trials were not trained again; the interrupted one went on from its checkpoint
     after = _trial_pointers(sweep_uri)
     for trial, starts in finished.items():
         ckpt = load_checkpoint(storage.join(sweep_uri, trial, "checkpoints", after[trial]["latest"]))
-        assert ckpt["starts"] == starts == [0], trial
+        assert ckpt["starts"] == starts and starts[0] == 0, trial
     for trial, at in interrupted.items():
         ckpt = load_checkpoint(storage.join(sweep_uri, trial, "checkpoints", after[trial]["latest"]))
         assert len(ckpt["starts"]) == 2 and ckpt["starts"][0] == 0 and at <= ckpt["starts"][1] < MAX_ITERS, \

@@ -29,25 +29,27 @@ def _grid() -> list[Result]:
         _result("aaa", 100.0, [(4, 20.0), (8, 30.0)], {"train.lr": 3e-3, "model.pilot.groups": 1}),
         _result("ccc", 300.0, [], {"train.lr": 1e-4, "model.pilot.groups": 1},
                 error=RuntimeError("Training failed.\nWorkerGroupError: worker 0 died at iteration 4")),
+        # cut short by Ctrl-C: Tune hands it back like one ASHA stopped (its saved state tells)
+        _result("ddd", 400.0, [(4, 12.0)], {"train.lr": 1e-3, "model.pilot.groups": 2}),
     ]
 
 
 def test_table_orders_by_start_and_names_each_outcome():
-    table = report.trials_table(_grid(), METRIC, PARAMS, max_iters=8)
-    assert list(table["trial"]) == ["aaa", "bbb", "ccc"]
-    assert list(table["status"]) == [report.COMPLETED, report.STOPPED, report.ERROR]
+    table = report.trials_table(_grid(), METRIC, PARAMS, max_iters=8, unfinished=frozenset({"ddd"}))
+    assert list(table["trial"]) == ["aaa", "bbb", "ccc", "ddd"]
+    assert list(table["status"]) == [report.COMPLETED, report.STOPPED, report.ERROR, report.UNFINISHED]
     assert table.loc[2, "error"] == "WorkerGroupError: worker 0 died at iteration 4"
     # integer fields stay integers next to a trial without results (no 8.0 in the CSV)
     rows = list(csv.DictReader(io.StringIO(table.to_csv(index=False))))
-    assert [r["iteration"] for r in rows] == ["8", "4", ""]
-    assert [r["model.pilot.groups"] for r in rows] == ["1", "2", "1"]
+    assert [r["iteration"] for r in rows] == ["8", "4", "", "4"]
+    assert [r["model.pilot.groups"] for r in rows] == ["1", "2", "1", "2"]
 
 
 def test_plots_and_files_land_under_the_sweep(tmp_path):
     grid = _grid()
     table = report.trials_table(grid, METRIC, PARAMS, max_iters=8)
     curves = report.learning_curves(grid, METRIC)
-    assert sorted(curves) == ["aaa", "bbb"] and list(curves["aaa"]["iteration"]) == [4, 8]
+    assert sorted(curves) == ["aaa", "bbb", "ddd"] and list(curves["aaa"]["iteration"]) == [4, 8]
     pngs = report.plots(table, curves, METRIC, PARAMS)
     written = report.write_outputs(str(tmp_path), None, table, "run: {name: s-best}\n", pngs)
     assert set(written) == {"trials.csv", "best_config.yaml", "metric_vs_params.png", "history.png",

@@ -12,6 +12,7 @@ import pandas as pd
 from mpformer_ray import storage
 
 COMPLETED, STOPPED, ERROR, NO_RESULT = "completed", "stopped early (ASHA)", "error", "no evaluation"
+UNFINISHED = "unfinished (rerun to continue)"
 
 
 def _started(metrics: dict) -> float:
@@ -29,15 +30,20 @@ def _error_line(error: BaseException | None) -> str:
     return (lines[-1] if lines else type(error).__name__)[:200]
 
 
-def trials_table(grid: Any, metric: str, params: list[str], max_iters: int) -> pd.DataFrame:
+def trials_table(grid: Any, metric: str, params: list[str], max_iters: int,
+                 unfinished: frozenset[str] = frozenset()) -> pd.DataFrame:
     """One row per trial, in the order they started: trial, status, the searched fields, the last
-    evaluated iteration, the objective there, wall time (s), and the error's last line."""
+    evaluated iteration, the objective there, wall time (s), and the error's last line.
+    ``unfinished``: ids of the trials an interrupted sweep left running or waiting."""
     rows = []
     for result in grid:
         m = result.metrics or {}
         iteration = m.get("iteration")
+        trial = m.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1]
         if result.error is not None:
             status = ERROR
+        elif trial in unfinished:
+            status = UNFINISHED
         elif iteration is None:
             status = NO_RESULT
         elif iteration < max_iters:
@@ -45,7 +51,7 @@ def trials_table(grid: Any, metric: str, params: list[str], max_iters: int) -> p
         else:
             status = COMPLETED
         rows.append({
-            "trial": m.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1],
+            "trial": trial,
             "status": status,
             **{p: (result.config or {}).get(p) for p in params},
             "iteration": iteration,

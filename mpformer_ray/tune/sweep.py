@@ -46,6 +46,7 @@ os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "10")
 # import after the environment is set: Tune reads it at import time
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
+from ray.tune.experiment import Trial  # noqa: E402
 from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 from ray.tune.search import BasicVariantGenerator  # noqa: E402
@@ -89,6 +90,8 @@ class SweepResult:
     metric: str
     grid: Any  # ray.tune.ResultGrid
     plan: TrainPlan
+    # trials an interrupted sweep left running or waiting; rerunning the job continues them
+    unfinished: frozenset[str] = frozenset()
 
 
 def concurrency_problem(cpus: float, cfg: Config, concurrent: int) -> str | None:
@@ -260,7 +263,15 @@ def run_sweep(cfg: Config, sweep: Sweep, *, resume: bool = False, address: str |
                 failure_config=tune.FailureConfig(max_failures=0)),
         )
     grid = tuner.fit()
-    return SweepResult(uri=uri, metric=plan.main_metric, grid=grid, plan=plan)
+    return SweepResult(uri=uri, metric=plan.main_metric, grid=grid, plan=plan, unfinished=_unfinished(grid))
+
+
+def _unfinished(grid: Any) -> frozenset[str]:
+    """Ids of the trials Tune's saved experiment state has neither ended nor failed. The results an
+    interrupted ``fit()`` returns do not tell: Tune marks every trial terminated after saving the
+    state, so a trial cut short by Ctrl-C would pass for one ASHA stopped."""
+    saved = tune.ExperimentAnalysis(grid.experiment_path, storage_filesystem=grid.filesystem)
+    return frozenset(t.trial_id for t in saved.trials if t.status not in (Trial.TERMINATED, Trial.ERROR))
 
 
 def best_config(result: SweepResult) -> tuple[Config, Any]:
@@ -290,7 +301,7 @@ def finish_sweep(result: SweepResult, sweep: Sweep) -> str:
 
     cfg, endpoint, metric = result.plan.cfg, result.plan.endpoint_url, result.metric
     names = [p.name for p in sweep.params]
-    table = report.trials_table(result.grid, metric, names, cfg.train.max_iters)
+    table = report.trials_table(result.grid, metric, names, cfg.train.max_iters, result.unfinished)
     try:
         best_cfg, best = best_config(result)
     except SweepError as e:
@@ -301,6 +312,9 @@ def finish_sweep(result: SweepResult, sweep: Sweep) -> str:
     written = report.write_outputs(result.uri, endpoint, table, best_yaml, pngs)
     lines = [f"\nsweep {result.uri}: {len(table)} trials, objective {metric} (higher is better)\n",
              report.table_text(table)]
+    if result.unfinished:
+        lines += ["", f"interrupted: {len(result.unfinished)} trial(s) unfinished; rerun the same command (or add "
+                      "--resume) to continue them from their latest checkpoints"]
     if best is None:
         raise SweepError(f"{missing}\n" + "\n".join(lines))
     lines += ["", f"best trial:    {best.metrics.get('trial_id')}  {metric} {best.metrics[metric]:.4f}  "
