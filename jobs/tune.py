@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SweepError, PreflightError, DataError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # Ctrl-C before Tune takes over SIGINT, or a second one while it winds down: what Tune last saved
+    # (trials' checkpoints, its state every few seconds) is what a rerun continues from
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to start or continue the sweep (finished trials are kept)", file=sys.stderr)
+        return 130
     print(summary)
     # as jobs/train.py: a sweep stopped by Ctrl-C is not a success
     return 130 if result.unfinished else 0
