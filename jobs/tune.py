@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C before Tune takes over SIGINT, or a second one while it winds down: what Tune last saved
     # (trials' checkpoints, its state every few seconds) is what a rerun continues from
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to start or continue the sweep (finished trials are kept)", file=sys.stderr)
+        print("interrupted; rerun the same command to start or continue the sweep (finished trials are kept)",
+              file=sys.stderr)
         return 130
     print(summary)
     # as jobs/train.py: a sweep stopped by Ctrl-C is not a success
