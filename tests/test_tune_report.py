@@ -6,6 +6,7 @@ import csv
 import io
 
 import pandas as pd
+import pytest
 from ray.tune import Result
 
 from mpformer_ray import storage
@@ -57,3 +58,25 @@ def test_plots_and_files_land_under_the_sweep(tmp_path):
     for name, uri in written.items():
         data = storage.read_bytes(uri)
         assert data.startswith(b"\x89PNG") if name.endswith(".png") else data
+
+
+class _OneTrialGrid:
+    """What Ray 2.60's ResultGrid does with a sweep of one trial (ExperimentAnalysis.get_best_trial):
+    it returns that trial whether or not it reported the metric."""
+
+    def __init__(self, result: Result) -> None:
+        self.result = result
+
+    def get_best_result(self, **_) -> Result:
+        return self.result
+
+
+def test_best_config_needs_a_trial_that_reported_the_objective():
+    from mpformer_ray.tune.space import SweepError
+    from mpformer_ray.tune.sweep import SweepResult, best_config
+
+    # a lone trial stopped (Ctrl-C, failure) before its first evaluation
+    lone = _result("aaa", 100.0, [], {"train.lr": 1e-3, "model.pilot.groups": 1})
+    result = SweepResult(uri="/sweeps/s", metric=METRIC, grid=_OneTrialGrid(lone), plan=None)
+    with pytest.raises(SweepError, match=f"no trial of /sweeps/s reported {METRIC}"):
+        best_config(result)

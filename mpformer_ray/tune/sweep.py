@@ -281,8 +281,11 @@ def best_config(result: SweepResult) -> tuple[Config, Any]:
     try:
         best = result.grid.get_best_result(metric=result.metric, mode="max", scope="last", filter_nan_and_inf=True)
     except RuntimeError:
+        best = None
+    # a sweep of one trial gets that trial back whether or not it reported the objective
+    if best is None or (best.metrics or {}).get(result.metric) is None:
         raise SweepError(f"no trial of {result.uri} reported {result.metric}; see the trials table for the "
-                         "reasons") from None
+                         "reasons")
     cfg = trial_config(result.plan.cfg, best.config)
     cfg.run.name = f"{result.plan.cfg.run.name}-best"
     return cfg, best
