@@ -418,9 +418,9 @@ def build_report(study: Study, name: str = "pilot_study") -> tuple[str, dict[str
                   (f"At least +{GOAL_POINTS:g} AP and +{GOAL_POINTS:g} PQ over pilot off at equal iterations, averaged "
                   "over the seeds, and higher layer-to-layer consistency."), ""]
         all_met = True
+        base_c = mean_std([value_at(r, "consistency/mean", max_iters)[0] for r in study.completed(study.baseline)])
         for arm in piloted:
             ap, pq = tests[(arm, "segm/AP")]["mean_diff"], tests[(arm, "panoptic/PQ")]["mean_diff"]
-            base_c = mean_std([value_at(r, "consistency/mean", max_iters)[0] for r in study.completed(study.baseline)])
             arm_c = mean_std([value_at(r, "consistency/mean", max_iters)[0] for r in study.completed(arm)])
             higher = math.isfinite(arm_c[0]) and math.isfinite(base_c[0]) and arm_c[0] > base_c[0]
             met = ap >= GOAL_POINTS and pq >= GOAL_POINTS and higher

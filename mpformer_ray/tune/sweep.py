@@ -318,10 +318,10 @@ def finish_sweep(result: SweepResult, sweep: Sweep) -> str:
     if result.unfinished:
         lines += ["", f"interrupted: {len(result.unfinished)} trial(s) unfinished; rerun the same command (or add "
                       "--resume) to continue them from their latest checkpoints"]
-    if best is None and not result.unfinished:
-        raise SweepError(f"{missing}\n" + "\n".join(lines))
-    if best is None:  # interrupted before any evaluation: nothing to rank yet
-        return "\n".join(lines)
+    if best is None:
+        if not result.unfinished:
+            raise SweepError(f"{missing}\n" + "\n".join(lines))
+        return "\n".join(lines)  # interrupted before any evaluation: nothing to rank yet
     lines += ["", f"best trial:    {best.metrics.get('trial_id')}  {metric} {best.metrics[metric]:.4f}  "
                   + "  ".join(f"{n}={best.config.get(n)}" for n in names),
               f"best config:   {written['best_config.yaml']}  (python jobs/train.py --config <it>)",
