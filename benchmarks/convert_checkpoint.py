@@ -40,13 +40,13 @@ def run(backbone: str, workdir: Path) -> dict:
     start = time.perf_counter()
     size = save(conversion, str(workdir / f"{backbone}.pth"))
     write_s = time.perf_counter() - start
-    ours = build_model(config_from_dict(conversion.checkpoint["config"]))
+    ours = build_model(config_from_dict(conversion.checkpoint.config))
     ours.load_state_dict(torch.load(workdir / f"{backbone}.pth", weights_only=True)["model"])
     images = torch.randn(1, 3, *SIZES[backbone], generator=torch.Generator().manual_seed(1))
     diffs = compare(model, ours.eval(), images)
     return {"backbone": backbone, "input": "x".join(map(str, SIZES[backbone])),
             "convert_s": round(conversion.seconds, 2), "write_s": round(write_s, 2),
-            "size_mib": round(size / 2**20, 1), "tensors": len(conversion.checkpoint["model"]),
+            "size_mib": round(size / 2**20, 1), "tensors": len(conversion.checkpoint.model),
             "skipped": len(conversion.skipped), "initialised": len(conversion.initialised),
             **{f"maxdiff_{k}": float(f"{v:.2e}") for k, v in diffs.items()}}
 

@@ -116,12 +116,12 @@ def _short(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def _history(uri: str, endpoint: str | None) -> list[dict]:
+def _history(uri: str) -> list[dict]:
     """The evaluations in a trial's ``result.json``; a resumed trial logged some twice: the last one wins."""
     path = storage.join(uri, "result.json")
-    if not storage.exists(path, endpoint):
+    if not storage.exists(path):
         return []
-    rows = [json.loads(line) for line in storage.read_bytes(path, endpoint).decode().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
     by_iteration = {r["iteration"]: r for r in rows if "iteration" in r}
     return [by_iteration[i] for i in sorted(by_iteration)]
 
@@ -138,17 +138,16 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def load_study(uris: list[str], endpoint_url: str | None = None) -> Study:
+def load_study(uris: list[str]) -> Study:
     """The sweeps at ``uris`` as one study; a ValueError naming the file when one is not a finished sweep, or
     naming the fields when they differ in more than the pilot settings and the seed."""
-    endpoint = storage.endpoint_for(endpoint_url)
     config, params, runs = None, [], []
     for uri in uris:
         for name in ("sweep.json", "trials.csv"):
-            if not storage.exists(storage.join(uri, name), endpoint):
+            if not storage.exists(storage.join(uri, name)):
                 raise ValueError(f"{storage.join(uri, name)} does not exist: not a finished sweep of jobs/tune.py "
                                  "(rerun the sweep's command to finish it; it reruns no finished trial)")
-        state = json.loads(storage.read_bytes(storage.join(uri, "sweep.json"), endpoint))
+        state = json.loads(storage.read_bytes(storage.join(uri, "sweep.json")))
         if config is None:
             config = state["config"]
         searched = [p["name"] for p in state["sweep"]["params"]]
@@ -158,13 +157,13 @@ def load_study(uris: list[str], endpoint_url: str | None = None) -> Study:
             raise ValueError(f"{storage.join(uri, 'sweep.json')}: its base config differs from {uris[0]}'s in "
                              f"{', '.join(clash)}; a study compares pilot settings with everything else equal")
         params += [p for p in searched if p not in params]
-        table = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(uri, "trials.csv"), endpoint)))
+        table = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(uri, "trials.csv"))))
         for row in table.to_dict("records"):
             values = {p: _plain(row[p]) for p in searched if p in row}
             pilot = dict(state["config"]["model"]["pilot"])
             pilot.update({k.removeprefix("model.pilot."): v for k, v in values.items() if k.startswith("model.pilot.")})
             trial_uri = storage.join(uri, str(row["trial"]))
-            evals = _history(trial_uri, endpoint)
+            evals = _history(trial_uri)
             history = pd.DataFrame(evals).drop(columns=["config"], errors="ignore")
             last = evals[-1] if evals else {}
             result = Result(metrics={**last, "trial_id": str(row["trial"])}, checkpoint=None, error=None,
@@ -448,10 +447,9 @@ def main(argv: list[str] | None = None) -> int:
                              "sweeps of the same benchmark and schedule make one study")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="directory for the report")
     parser.add_argument("--name", default="pilot_study", help="file name stem of the report and its PNGs")
-    parser.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     args = parser.parse_args(argv)
     try:
-        study = load_study([storage.absolute(u) for u in args.sweeps], args.endpoint_url)
+        study = load_study([storage.absolute(u) for u in args.sweeps])
     except ValueError as e:
         print(f"pilot_study: {e}", file=sys.stderr)
         return 2

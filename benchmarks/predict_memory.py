@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from mpformer_ray.config import load_config  # noqa: E402
 from mpformer_ray.model import build_model  # noqa: E402
-from mpformer_ray.train.checkpoint import save_checkpoint  # noqa: E402
+from mpformer_ray.train.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
 
 KEEP_ALL = ["model.test.object_mask_threshold=0.0", "model.test.overlap_threshold=0.0"]
 
@@ -53,9 +53,8 @@ def checkpoint(preset: str, run_dir: Path) -> str:
     model = build_model(cfg)
     classes = [{"id": i, "name": f"class{i}", "isthing": i < max(1, cfg.model.num_classes * 3 // 5), "source_id": i + 1}
                for i in range(cfg.model.num_classes)]
-    state = {"iteration": 0, "model": model.state_dict(), "config": cfg.to_dict(), "classes": classes,
-             "metrics": {}, "best": None}
-    return save_checkpoint(state, str(run_dir))
+    return save_checkpoint(Checkpoint(iteration=0, model=model.state_dict(), config=cfg.to_dict(), classes=classes),
+                           str(run_dir))
 
 
 def measure(ckpt: str, image: Path, out: Path, overrides: list[str], threads: int) -> tuple[float, float]:

@@ -57,11 +57,11 @@ def model_sizes(preset: str) -> dict:
     }
 
 
-def record_sizes(uri: str, endpoint_url: str | None = None) -> dict:
+def record_sizes(uri: str) -> dict:
     """Bytes per image over all shards; image bytes, segments per image and RLE bytes per segment
     from the first shard."""
-    manifest = read_manifest(uri, endpoint_url)
-    fs, root = storage.resolve(uri, endpoint_url)
+    manifest = read_manifest(uri)
+    fs, root = storage.resolve(uri)
     shards = [s for s in manifest["shards"] if s["num_images"] > 0]
     paths = [posixpath.join(root, s["file"]) for s in shards]
     total = sum(info.size for info in fs.get_file_info(paths))
@@ -87,7 +87,7 @@ def main() -> None:
 
     out = {"model": model_sizes(args.config)}
     if args.data:
-        out["records"] = record_sizes(args.data, storage.endpoint_for(None))
+        out["records"] = record_sizes(args.data)
     else:
         from data_pipeline import make_records  # the input-pipeline benchmark's records
 

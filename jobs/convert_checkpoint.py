@@ -26,9 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mpformer_ray import storage  # noqa: E402
-from mpformer_ray.config import ConfigError, add_config_arguments, load_config  # noqa: E402
-from mpformer_ray.log import setup_logging  # noqa: E402
+from mpformer_ray.cli import job  # noqa: E402
+from mpformer_ray.config import add_config_arguments, load_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,31 +41,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "its class names and thing / stuff flags go into the checkpoint (default: the source's "
                         "id2label, or class_<i>)")
     add_config_arguments(p)
-    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (else AWS_ENDPOINT_URL)")
     return p.parse_args(argv)
 
 
+@job
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
     from mpformer_ray.convert import convert, save
     from mpformer_ray.data.records import read_manifest
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        classes = read_manifest(args.classes, args.endpoint_url)["classes"] if args.classes else None
-        conversion = convert(args.kind, args.src, cfg, args.endpoint_url, classes=classes)
-        size = save(conversion, args.out, args.endpoint_url)
-    except (ConfigError, storage.StorageError, ValueError) as e:  # DataError and ConvertError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
+    classes = read_manifest(args.classes)["classes"] if args.classes else None
+    conversion = convert(args.kind, args.src, cfg, classes=classes)
+    size = save(conversion, args.out)
     for line in conversion.derived:
         print(f"from the source: {line}")
     for name, reason in conversion.skipped.items():
         print(f"skipped: {name}: {reason}")
     for name, how in conversion.initialised.items():
         print(f"initialised: {name}: {how}")
-    used = len(conversion.checkpoint["model"]) - len(conversion.initialised)
+    used = len(conversion.checkpoint.model) - len(conversion.initialised)
     print(f"wrote {args.out}: {used} tensors from the source, {len(conversion.skipped)} skipped, "
           f"{len(conversion.initialised)} initialised; {size / 2**20:.1f} MiB in {conversion.seconds:.1f} s")
     return 0

@@ -20,10 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mpformer_ray import storage  # noqa: E402
-from mpformer_ray.config import ConfigError, add_override_argument  # noqa: E402
-from mpformer_ray.data.records import DataError  # noqa: E402
-from mpformer_ray.log import setup_logging  # noqa: E402
+from mpformer_ray.cli import job  # noqa: E402
+from mpformer_ray.config import add_override_argument  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,33 +31,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="prepared split to evaluate on (default: the config's data.val)")
     add_override_argument(p, of="the checkpoint's config")
     p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images (0 = all)")
-    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (else storage.endpoint_url, AWS_ENDPOINT_URL)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)
 
 
+@job
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
     from mpformer_ray.evaluation.runner import evaluate_model
     from mpformer_ray.predict import load_for_inference, resolve_device
 
     if args.max_images < 0:
         print("error: --max-images must be >= 0", file=sys.stderr)
         return 2
-    try:
-        device = resolve_device(args.device)
-        model, cfg, classes = load_for_inference(args.checkpoint, args.overrides, device, args.endpoint_url)
-        data = args.data or cfg.data.val
-        if not data:
-            print("error: the checkpoint's config has no data.val; pass --data URI of a prepared split",
-                  file=sys.stderr)
-            return 2
-        metrics = evaluate_model(model, data, cfg, classes, device=device, max_images=args.max_images,
-                                 endpoint_url=args.endpoint_url)
-    except (ConfigError, DataError, storage.StorageError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    device = resolve_device(args.device)
+    model, cfg, classes = load_for_inference(args.checkpoint, args.overrides, device)
+    data = args.data or cfg.data.val
+    if not data:
+        print("error: the checkpoint's config has no data.val; pass --data URI of a prepared split", file=sys.stderr)
         return 2
+    metrics = evaluate_model(model, data, cfg, classes, device=device, max_images=args.max_images)
     # JSON has no NaN: an undefined metric (e.g. AP on a split without things) is null
     print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()},
                      indent=1, sort_keys=True))

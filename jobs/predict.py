@@ -17,7 +17,6 @@ when any image failed.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mpformer_ray import storage  # noqa: E402
-from mpformer_ray.config import ConfigError, add_override_argument  # noqa: E402
+from mpformer_ray.cli import job  # noqa: E402
+from mpformer_ray.config import add_override_argument  # noqa: E402
 from mpformer_ray.log import format_eta  # noqa: E402
 
 
@@ -37,51 +37,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_override_argument(p, of="the checkpoint's config")
     p.add_argument("--score-threshold", type=float, default=0.5,
                    help="overlay: lowest instance score drawn when the model predicts no panoptic output")
-    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (else AWS_ENDPOINT_URL)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ...")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG / JPEG files (local or s3://)")
     return p.parse_args(argv)
 
 
+@job
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
     from mpformer_ray.predict import image_id_for, load_for_inference, load_image, predict, resolve_device, write_predictions
 
     failed: list[str] = []
-    try:
-        # a mistyped path shows before the model loads, not after every image before it
-        todo = []
-        for index, uri in enumerate(args.images, start=1):
-            if storage.exists(uri, args.endpoint_url):
-                todo.append((index, uri))
-            else:
-                print(f"error: {uri} does not exist", file=sys.stderr)
-                failed.append(uri)
-        if todo:
-            device = resolve_device(args.device)
-            model, cfg, classes = load_for_inference(args.checkpoint, args.overrides, device, args.endpoint_url)
-            storage.check_writable(args.out, args.endpoint_url)
-        start = time.perf_counter()
-        for done, (index, uri) in enumerate(todo):
-            if done:  # a line per image after the first: how far, how fast, how long still
-                per_image = (time.perf_counter() - start) / done
-                print(f"[predict] {done}/{len(todo)} images, {per_image:.1f} s an image, eta "
-                      f"{format_eta(per_image * (len(todo) - done))}", file=sys.stderr, flush=True)
-            try:
-                image = load_image(uri, args.endpoint_url)
-            except (storage.StorageError, ValueError) as e:
-                print(f"error: {e}", file=sys.stderr)
-                failed.append(uri)
-                continue
-            prediction = predict(model, image, cfg, device)
-            written = write_predictions(args.out, uri, image, prediction, classes, image_id_for(uri, index),
-                                        score_threshold=args.score_threshold, endpoint_url=args.endpoint_url)
-            for path in written.values():
-                print(path)
-    except (ConfigError, storage.StorageError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # a mistyped path shows before the model loads, not after every image before it
+    todo = []
+    for index, uri in enumerate(args.images, start=1):
+        if storage.exists(uri):
+            todo.append((index, uri))
+        else:
+            print(f"error: {uri} does not exist", file=sys.stderr)
+            failed.append(uri)
+    if todo:
+        device = resolve_device(args.device)
+        model, cfg, classes = load_for_inference(args.checkpoint, args.overrides, device)
+        storage.check_writable(args.out)
+    start = time.perf_counter()
+    for done, (index, uri) in enumerate(todo):
+        if done:  # a line per image after the first: how far, how fast, how long still
+            per_image = (time.perf_counter() - start) / done
+            print(f"[predict] {done}/{len(todo)} images, {per_image:.1f} s an image, eta "
+                  f"{format_eta(per_image * (len(todo) - done))}", file=sys.stderr, flush=True)
+        try:
+            image = load_image(uri)
+        except (storage.StorageError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed.append(uri)
+            continue
+        prediction = predict(model, image, cfg, device)
+        written = write_predictions(args.out, uri, image, prediction, classes, image_id_for(uri, index),
+                                    score_threshold=args.score_threshold)
+        for path in written.values():
+            print(path)
     if failed:
         print(f"error: {len(failed)} of {len(args.images)} images failed, the others were written: "
               f"{', '.join(failed)}", file=sys.stderr)

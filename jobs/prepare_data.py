@@ -19,16 +19,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mpformer_ray.cli import job  # noqa: E402
 from mpformer_ray.data.prepare import DATASETS, format_summary, prepare  # noqa: E402
-from mpformer_ray.data.records import MAX_SKIPPED, DataError  # noqa: E402
+from mpformer_ray.data.records import MAX_SKIPPED  # noqa: E402
 from mpformer_ray.data.synthetic import VARIANTS  # noqa: E402
-from mpformer_ray.storage import StorageError  # noqa: E402
 from mpformer_ray.tasks import TASKS  # noqa: E402
 
 
+@job
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", choices=DATASETS, default="synthetic")
+    p.add_argument("--dataset", choices=list(DATASETS), default="synthetic")
     p.add_argument("--task", choices=TASKS, default="panoptic")
     p.add_argument("--root", default="~/.cache/mpformer-ray/synthetic/prepare",
                    help="dataset root on local disk (for synthetic: where the COCO layout is generated)")
@@ -46,19 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="synthetic only")
     p.add_argument("--variant", choices=VARIANTS, default="easy",
                    help="synthetic only: generator (hard = 20 classes, crowded, occluded, thin and small objects)")
-    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (else AWS_ENDPOINT_URL)")
     args = p.parse_args(argv)
     if not 0 <= args.max_skipped <= 1:
         p.error(f"--max-skipped is a share of the split in [0, 1], got {args.max_skipped}")
     out = args.out or str(Path(args.root).expanduser() / "records" / f"{args.split}-{args.task}")
-    try:
-        manifest = prepare(args.dataset, args.task, args.root, args.split, out, shard_size=args.shard_size,
-                           num_workers=args.workers, strict=args.strict, endpoint_url=args.endpoint_url,
-                           num_images=args.num_images, image_size=args.image_size, seed=args.seed,
-                           variant=args.variant, max_skipped=args.max_skipped)
-    except (DataError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    manifest = prepare(args.dataset, args.task, args.root, args.split, out, shard_size=args.shard_size,
+                       num_workers=args.workers, strict=args.strict,
+                       num_images=args.num_images, image_size=args.image_size, seed=args.seed,
+                       variant=args.variant, max_skipped=args.max_skipped)
     print(format_summary(manifest, out))
     return 0
 

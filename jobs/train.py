@@ -20,10 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mpformer_ray import storage  # noqa: E402
-from mpformer_ray.config import Config, ConfigError, add_config_arguments, load_config  # noqa: E402
-from mpformer_ray.data.records import DataError  # noqa: E402
-from mpformer_ray.log import setup_logging  # noqa: E402
-from mpformer_ray.train import PreflightError, latest_checkpoint, run_training  # noqa: E402
+from mpformer_ray.cli import job  # noqa: E402
+from mpformer_ray.config import Config, add_config_arguments, load_config  # noqa: E402
+from mpformer_ray.train import latest_checkpoint, run_training  # noqa: E402
 from mpformer_ray.train.checkpoint import CheckpointError, CheckpointStore, run_uri  # noqa: E402
 from mpformer_ray.train.failure import failure_message  # noqa: E402
 from ray.train import TrainingFailedError  # noqa: E402
@@ -49,7 +48,8 @@ def resume_line(cfg: Config | None, what: str = "interrupted") -> str:
     if cfg is None:
         return f"{what} before the config was loaded"
     # the run directory preflight uses (a relative local storage.uri means this working directory)
-    store = CheckpointStore(storage.absolute(run_uri(cfg)), storage.endpoint_for(cfg.storage.endpoint_url))
+    storage.configure(cfg.storage)
+    store = CheckpointStore(storage.absolute(run_uri(cfg)))
     try:
         latest = store.latest()
     except (CheckpointError, storage.StorageError) as e:
@@ -59,16 +59,13 @@ def resume_line(cfg: Config | None, what: str = "interrupted") -> str:
     return f"{what}; latest checkpoint: {latest}; rerun the same command to resume"
 
 
+@job
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
     cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         plan, _ = run_training(cfg, address=args.address)
-    except (ConfigError, PreflightError, DataError, storage.StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     # Ctrl-C before training starts is a KeyboardInterrupt; during training, Ray Train's own SIGINT
     # handler aborts the workers and ends the driver's wait with SystemExit (status 0 or 1: replaced)
     except (KeyboardInterrupt, SystemExit):
@@ -77,12 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailedError as e:
         print(f"error: training failed: {failure_message(e)}\n{resume_line(cfg, 'failed')}", file=sys.stderr)
         return 1
-    store = CheckpointStore(plan.run_uri, plan.endpoint_url)
+    store = CheckpointStore(plan.run_uri)
     pointer = store.pointer() or {}
     print("\nfinal metrics")
     print(results_table(pointer.get("metrics", {})))
     print(f"\ncheckpoints:  {store.dir}")
-    print(f"latest:       {latest_checkpoint(plan.run_uri, plan.endpoint_url)}")
+    print(f"latest:       {latest_checkpoint(plan.run_uri)}")
     if pointer.get("best"):
         best = pointer["best"]
         print(f"best:         {storage.join(store.dir, best['checkpoint'])} ({best['metric']} {best['value']:.4f})")

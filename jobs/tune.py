@@ -23,12 +23,9 @@ from pathlib import Path
 # the repository root, for `ray job submit --working-dir .` on an image without the package installed
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mpformer_ray import storage  # noqa: E402
-from mpformer_ray.config import ConfigError, add_config_arguments, load_config  # noqa: E402
-from mpformer_ray.data.records import DataError  # noqa: E402
-from mpformer_ray.log import setup_logging  # noqa: E402
-from mpformer_ray.train import PreflightError  # noqa: E402
-from mpformer_ray.tune import DEFAULT_SWEEP, SweepError, finish_sweep, load_sweep, run_sweep  # noqa: E402
+from mpformer_ray.cli import job  # noqa: E402
+from mpformer_ray.config import add_config_arguments, load_config  # noqa: E402
+from mpformer_ray.tune import DEFAULT_SWEEP, finish_sweep, load_sweep, run_sweep  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,9 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@job
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
         if not any(o.split("=", 1)[0].strip() == "run.name" for o in args.overrides):
@@ -59,9 +56,6 @@ def main(argv: list[str] | None = None) -> int:
                            num_samples=args.num_samples, max_concurrent=args.max_concurrent)
         result = run_sweep(cfg, sweep, resume=args.resume, address=args.address)
         summary = finish_sweep(result, sweep)
-    except (ConfigError, SweepError, PreflightError, DataError, storage.StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     # Ctrl-C before Tune takes over SIGINT, or a second one while it winds down: what Tune last saved
     # (trials' checkpoints, its state every few seconds) is what a rerun continues from
     except KeyboardInterrupt:

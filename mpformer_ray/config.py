@@ -13,20 +13,47 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
+
+from mpformer_ray.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "tiny"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid; the message names the field and the fix."""
+
+
+T = TypeVar("T")
+
+
+def registered(registry: Mapping[str, T], name: str, where: str) -> T:
+    """``registry[name]``; an unknown name is a ConfigError naming ``where`` and the known names."""
+    if name not in registry:
+        raise ConfigError(f"{where}: {name!r} is not one of {list(registry)}")
+    return registry[name]
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Marks a str field (``Annotated[str, Registry("module:NAME")]``) whose values are the names of the
+    registry dict ``NAME`` in ``module``, the one the code dispatches on. Imported when a value is checked,
+    not here: the registries sit next to their implementations (torch), and this module stays light."""
+
+    path: str
+
+    def load(self) -> Mapping[str, Any]:
+        module, name = self.path.split(":")
+        return getattr(importlib.import_module(module), name)
 
 
 @dataclass
@@ -35,7 +62,7 @@ class PilotConfig:
 
     enabled: bool = True
     groups: int = 1
-    mask_noise: Literal["none", "point", "shift", "scale"] = "point"
+    mask_noise: Annotated[str, Registry("mpformer_ray.model.pilot:MASK_NOISE")] = "point"
     noise_ratio: float = 0.0
     label_noise: float = 0.2
     layers: str | int = "all"  # "all" or the number of leading decoder layers piloted
@@ -56,9 +83,9 @@ class InferenceConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: Literal["resnet18", "resnet50", "resnet101", "swin_t", "swin_s", "swin_b"] = "resnet50"
+    backbone: Annotated[str, Registry("mpformer_ray.model.backbone:BACKBONES")] = "resnet50"
     pretrained: str | None = None  # local path or s3:// URI of a torchvision state dict
-    backbone_norm: Literal["frozen", "group"] = "frozen"  # "group" trains from scratch
+    backbone_norm: Annotated[str, Registry("mpformer_ray.model.backbone:NORMS")] = "frozen"  # "group": from scratch
     # detectron2's MSRA-style ResNets stride in the bottleneck's 1x1 conv; torchvision's (and Mask2Former's) in the 3x3
     resnet_stride_in_1x1: bool = False
     swin_window: int = 7  # Swin attention window; Mask2Former's Swin-B/L IN-21k 384 checkpoints use 12
@@ -145,13 +172,14 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 3
     seed: int = 0
-    fail_at_iter: int = -1  # fault injection for tests: a worker dies once at this iteration
 
 
 @dataclass
 class StorageConfig:
     uri: str = "./runs"  # local directory or s3://bucket/prefix
+    # how to reach S3, set once per process (mpformer_ray.storage.configure) for every reader and writer
     endpoint_url: str | None = None  # else AWS_ENDPOINT_URL, else AWS's default
+    region: str | None = None  # else AWS_REGION, else AWS_DEFAULT_REGION, else us-east-1
     # local paths (storage.uri, data.*, model.pretrained, model.weights) are refused on a multi-node cluster, where
     # each node has its own disk; true says they are on storage every node mounts (NFS, one machine's fake nodes)
     shared_local_paths: bool = False
@@ -170,6 +198,9 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self) -> None:
+        validate(self)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -184,8 +215,9 @@ _YAML_BOOLS = {True: {"y", "yes", "true", "on"}, False: {"n", "no", "false", "of
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against annotation ``tp`` (converting YAML scalars where exact)."""
     origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
+    if origin in (Literal, Annotated):
+        # Annotated[str, Registry(...)]: the names in the registry the code dispatches on, as they are now
+        choices = typing.get_args(tp) if origin is Literal else tuple(typing.get_args(tp)[1].load())
         if isinstance(value, bool):
             # YAML reads off / on / yes / no as booleans: `train.amp=off` means the choice "off"
             spelled = [c for c in choices if isinstance(c, str) and c.lower() in _YAML_BOOLS[value]]
@@ -246,7 +278,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def _build(cls: type, data: dict[str, Any], where: str, base: Any = None) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # keeps a field's Registry
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
@@ -374,7 +406,10 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a single field's type cannot express."""
+    """Every rule about a config's values that a field's type cannot express, in one place: it runs
+    whenever a config is built (``Config(...)``, ``load_config``, ``apply_overrides``,
+    ``config_from_dict``). Checks against the outside world (data, storage, cluster) are the training
+    job's preflight."""
     m, p = cfg.model, cfg.model.pilot
     problems = []
     if m.num_classes < 1:
@@ -400,8 +435,19 @@ def validate(cfg: Config) -> None:
     if isinstance(p.layers, int) and not 1 <= p.layers <= m.dec_layers:
         problems.append(f"model.pilot.layers must lie in [1, {m.dec_layers}] (model.dec_layers); got {p.layers}")
     t = cfg.train
-    if t.batch_size < 1 or t.workers < 1 or t.max_iters < 1:
-        problems.append("train.batch_size, train.workers and train.max_iters must be >= 1")
+    problems += [f"train.{name} must be >= 1; got {getattr(t, name)}"
+                 for name in ("batch_size", "workers", "max_iters", "log_period", "checkpoint_period",
+                              "keep_checkpoints") if getattr(t, name) < 1]
+    problems += [f"train.{name} must be >= 0; got {getattr(t, name)}"
+                 for name in ("eval_period", "eval_max_images", "max_failures", "warmup_iters") if getattr(t, name) < 0]
+    if t.cpus_per_worker <= 0:
+        problems.append(f"train.cpus_per_worker must be > 0; got {t.cpus_per_worker}")
+    problems += [f"train.worker_resources.{name} must be > 0; got {amount:g}"
+                 for name, amount in t.worker_resources.items() if amount <= 0]
+    problems += [f"train.worker_resources.{name}: set it through train.{instead}"
+                 for name, instead in (("CPU", "cpus_per_worker"), ("GPU", "use_gpu")) if name in t.worker_resources]
+    if t.amp == "fp16" and not t.use_gpu:
+        problems.append("train.amp=fp16 needs a GPU (train.use_gpu=true); use train.amp=off or bf16 on CPU")
     if len(cfg.data.crop_size) != 2:
         problems.append(f"data.crop_size must be [height, width]; got {cfg.data.crop_size}")
     if not cfg.run.name or "/" in cfg.run.name:
@@ -415,19 +461,30 @@ def piloted_layers(cfg: ModelConfig) -> int:
     return cfg.dec_layers if cfg.pilot.layers == "all" else int(cfg.pilot.layers)
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping (e.g. ``Config.to_dict()``) as ``{"model.pilot.groups": 1, ...}``; empty mappings are values."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 def field_type(dotted: str) -> Any:
-    """The annotation of config field ``dotted`` (``"model.pilot.groups"`` -> ``int``); a
-    ConfigError names the first unknown part and the valid keys there."""
+    """The annotation of config field ``dotted`` (``"model.pilot.groups"`` -> ``int``; a registry's field
+    -> ``Annotated[str, Registry(...)]``); a ConfigError names the first unknown part and the valid keys there."""
     cls: Any = Config
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(cls):
             raise ConfigError(f"{'.'.join(parts[:i])} is a field, not a section: {dotted!r} names nothing")
-        hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls, include_extras=True)
         if part not in hints:
             where = ".".join(parts[:i]) or "the config"
             raise ConfigError(f"unknown field {dotted!r}: {where} has no key {part!r}; valid keys are "

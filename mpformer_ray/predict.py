@@ -43,16 +43,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_for_inference(checkpoint: str, overrides: list[str] | None = None, device: str | torch.device = "cpu",
-                       endpoint_url: str | None = None) -> tuple[nn.Module, Config, list[dict]]:
+def load_for_inference(checkpoint: str, overrides: list[str] | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, Config, list[dict]]:
     """(model in eval mode on ``device``, its config with ``overrides``, the dataset's classes) from a
     checkpoint file or run directory (local or s3://). Overrides of ``model.*`` (e.g. the
     post-processing thresholds ``model.test.*``) rebuild the model around the saved weights."""
     from mpformer_ray.model import build_model
     from mpformer_ray.train.checkpoint import CheckpointError, load_model, model_mismatch
 
-    storage.check_reachable(checkpoint, endpoint_url)  # seconds, where loading would wait minutes on a silent endpoint
-    model, cfg, classes = load_model(checkpoint, device, endpoint_url)
+    storage.check_reachable(checkpoint)  # seconds, where loading would wait minutes on a silent endpoint
+    model, cfg, classes = load_model(checkpoint, device)
     new = apply_overrides(cfg, overrides or [])
     if new.model != cfg.model:
         if problems := model_mismatch(model.state_dict(), cfg.to_dict()["model"], new):
@@ -64,9 +63,9 @@ def load_for_inference(checkpoint: str, overrides: list[str] | None = None, devi
     return model, new, classes
 
 
-def load_image(uri: str, endpoint_url: str | None = None) -> np.ndarray:
+def load_image(uri: str) -> np.ndarray:
     """An image file (local or s3://) -> uint8 [H, W, 3] RGB, EXIF orientation applied."""
-    data = storage.read_bytes(uri, endpoint_url)
+    data = storage.read_bytes(uri)
     try:
         image = Image.open(io.BytesIO(data))
         image = ImageOps.exif_transpose(image).convert("RGB")
@@ -266,8 +265,7 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def write_predictions(out_uri: str, name: str, image: np.ndarray, prediction: dict, classes: list[dict],
-                      image_id: int, *, score_threshold: float = 0.5,
-                      endpoint_url: str | None = None) -> dict[str, str]:
+                      image_id: int, *, score_threshold: float = 0.5) -> dict[str, str]:
     """Write the overlay and raw outputs of one image (see the module docstring) under
     ``out_uri`` (local directory or s3://); returns {kind: written URI}."""
     stem = re.sub(r"\.[^.]*$", "", name.rsplit("/", 1)[-1])
@@ -275,7 +273,7 @@ def write_predictions(out_uri: str, name: str, image: np.ndarray, prediction: di
 
     def put(kind: str, suffix: str, data: bytes) -> None:
         uri = storage.join(out_uri, f"{stem}_{suffix}")
-        storage.write_bytes(uri, data, endpoint_url)
+        storage.write_bytes(uri, data)
         written[kind] = uri
 
     put("overlay", "overlay.png", _png(np.asarray(render_overlay(image, prediction, classes, score_threshold))))

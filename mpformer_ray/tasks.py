@@ -13,15 +13,26 @@ Decided here only; the converters, the prepare step, the trainer, evaluation and
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from mpformer_ray.config import InferenceConfig
+from mpformer_ray.config import ConfigError, InferenceConfig
 
-# most specific first: the main task of a set is the first of these in it
-TASKS = ("panoptic", "instance", "semantic")
-# the tasks a split with the manifest's annotations can be evaluated on
-SUPPORTED = {"panoptic": ("panoptic", "instance", "semantic"), "instance": ("instance",), "semantic": ("semantic",)}
-# task -> the evaluator's metric that ranks checkpoints and trials (higher is better)
-MAIN_METRICS = {"panoptic": "panoptic/PQ", "instance": "segm/AP", "semantic": "sem_seg/mIoU"}
+
+@dataclass(frozen=True)
+class Task:
+    """One task; the model produces its output while ``model.test.<name>_on`` is true."""
+
+    evaluated_on: tuple[str, ...]  # the tasks a split with this task's annotations can be evaluated on
+    main_metric: str  # the evaluator's metric that ranks checkpoints and trials (higher is better)
+
+
+# name -> task, most specific first: the main task of a set is the first of these in it. What a manifest's
+# ``task`` and jobs/prepare_data.py --task accept.
+TASKS: dict[str, Task] = {
+    "panoptic": Task(("panoptic", "instance", "semantic"), "panoptic/PQ"),
+    "instance": Task(("instance",), "segm/AP"),
+    "semantic": Task(("semantic",), "sem_seg/mIoU"),
+}
 
 
 def check_task(task: str) -> str:
@@ -37,14 +48,14 @@ def tasks_for(manifest_task: str | None, test_cfg: InferenceConfig, where: str =
 
     Raises ValueError naming ``where`` when the manifest's task is unknown, or when ``test_cfg`` switches
     off every task the split supports (naming the ``model.test.*_on`` fields to turn on)."""
-    if manifest_task not in SUPPORTED:
+    if manifest_task not in TASKS:
         raise ValueError(f"{where}: manifest task {manifest_task!r} is not one of {list(TASKS)}; "
                          "re-run jobs/prepare_data.py")
-    enabled = {"panoptic": test_cfg.panoptic_on, "instance": test_cfg.instance_on, "semantic": test_cfg.semantic_on}
-    tasks = [t for t in SUPPORTED[manifest_task] if enabled[t]]
+    supported = TASKS[manifest_task].evaluated_on
+    tasks = [t for t in supported if getattr(test_cfg, f"{t}_on")]
     if not tasks:
-        switches = ", ".join(f"model.test.{t}_on" for t in SUPPORTED[manifest_task])
-        raise ValueError(f"{where}: a {manifest_task} split can be evaluated on {list(SUPPORTED[manifest_task])}, "
+        switches = ", ".join(f"model.test.{t}_on" for t in supported)
+        raise ConfigError(f"{where}: a {manifest_task} split can be evaluated on {list(supported)}, "
                          f"but the config turns all of them off; set one of {switches} to true")
     return tasks
 
@@ -60,4 +71,4 @@ def main_task(tasks: Iterable[str]) -> str:
 
 def main_metric(tasks: Iterable[str]) -> str:
     """The metric that ranks checkpoints and sweep trials: PQ with panoptic, else mask AP, else mIoU."""
-    return MAIN_METRICS[main_task(tasks)]
+    return TASKS[main_task(tasks)].main_metric

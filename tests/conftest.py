@@ -7,7 +7,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from servers import start, stop_session
 
 VENV_BIN = Path(sys.executable).parent
 # a model small enough for end-to-end jobs on 2 cores, at 64 px
@@ -41,6 +41,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def storage_options_from_environment():
+    """Storage options are process-wide (``storage.configure``, e.g. by preflight): each test starts and ends
+    with the environment's alone."""
+    from mpformer_ray import storage
+
+    storage.configure()
+    yield
+    storage.configure()
+
+
 @pytest.fixture(scope="session")
 def moto_server():
     """A real moto S3 server on 127.0.0.1 with one fresh bucket.
@@ -53,8 +64,8 @@ def moto_server():
 
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with pytest.MonkeyPatch.context() as mp:
         try:
             deadline = time.time() + 30
@@ -130,20 +141,6 @@ def client_env(home: Path, **auth: str) -> dict[str, str]:
     return env
 
 
-def session_pids(session: int) -> list[int]:
-    """Pids of the live processes in ``session`` (Ray's workers and nodes keep the session of the
-    process that started the head, though not always its process group)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == session:  # field 6 of /proc/PID/stat: the session id
-            pids.append(int(stat.parent.name))
-    return pids
-
-
 @contextlib.contextmanager
 def started_ray_head(base: Path, *args: str, gcs_port: int | None = None, **env: str):
     """``ray start --head --block`` with token authentication, ``args`` (e.g. ``--num-cpus 2``), extra
@@ -157,14 +154,14 @@ def started_ray_head(base: Path, *args: str, gcs_port: int | None = None, **env:
     temp_dir = Path("/tmp") / f"rh-{secrets.token_hex(4)}"  # unix socket paths must stay short
     log = open(base / "head.log", "w")
     # the job's `python` resolves on the head's PATH: put this interpreter's env first
-    head = subprocess.Popen(
+    head = start(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", *args, "--port", str(gcs),
          "--dashboard-port", str(dashboard), "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
          "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent_listen),
          "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env),
          "--metrics-export-port", str(metrics), "--temp-dir", str(temp_dir)],
         env=client_env(home, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, **env), stdout=log,
-        stderr=subprocess.STDOUT, start_new_session=True)
+        stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.time() + 120
@@ -180,20 +177,10 @@ def started_ray_head(base: Path, *args: str, gcs_port: int | None = None, **env:
                 time.sleep(1)
         yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "token": token, "home": home}
     finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its own processes on SIGTERM
-            try:
-                # it rarely finishes within 30 s on 2 cores; what is left is killed below
-                head.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        for pid in session_pids(head.pid):  # what outlived it (an autoscaler's fake nodes, their workers)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if head.poll() is None:
-            head.wait(timeout=10)
+        # the whole session: an autoscaler's fake nodes and their workers outlive the head; its own
+        # orderly stop rarely finishes within 30 s on 2 cores, so what is left after 5 s is killed
+        stop_session(head.pid)
+        head.wait(timeout=10)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)  # outside the test's tmp_path, so nothing else removes it
 

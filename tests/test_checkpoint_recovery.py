@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from mpformer_ray import storage
-from mpformer_ray.train import CheckpointStore, PreflightError, load_checkpoint, preflight
+from mpformer_ray.train import Checkpoint, CheckpointStore, PreflightError, load_checkpoint, preflight
 from mpformer_ray.train.checkpoint import CheckpointError
 from test_eval_predict import _job_main
 from test_train_loop import records, run_loop, tiny_cfg  # noqa: F401 (records: a fixture)
@@ -57,8 +57,8 @@ def test_lost_pointer_resumes_from_newest_checkpoint(records, run, tmp_path, cap
     # the workers start where the driver decided: nothing of the earlier run is overwritten
     run_loop(plan.cfg, records, CheckpointStore(plan.run_uri, keep=5), resume_from=plan.resume_from)
     resumed = load_checkpoint(str(ckpt_path(run, 6)))
-    assert resumed["starts"] == [0, 4]
-    assert load_checkpoint(str(ckpt_path(run, 2)))["starts"] == [0]
+    assert resumed.starts == [0, 4]
+    assert load_checkpoint(str(ckpt_path(run, 2))).starts == [0]
 
 
 def test_damaged_latest_checkpoint_falls_back_to_older_intact_one(records, run, tmp_path, caplog):
@@ -94,7 +94,7 @@ def test_no_readable_checkpoint_is_a_preflight_error_naming_the_directory(record
 @pytest.mark.parametrize("override", ["model.hidden_dim=64", "model.num_queries=16"])
 def test_checkpoint_that_does_not_fit_the_config_is_a_preflight_error(records, run, tmp_path, override):
     field, value = override.split("=")
-    saved = load_checkpoint(str(ckpt_path(run, 4)))["config"]["model"][field.split(".")[1]]
+    saved = load_checkpoint(str(ckpt_path(run, 4))).config["model"][field.split(".")[1]]
     with pytest.raises(PreflightError) as error:
         preflight(tiny_cfg(records, tmp_path, *RUN_SETTINGS, override))
     message = str(error.value)
@@ -103,16 +103,16 @@ def test_checkpoint_that_does_not_fit_the_config_is_a_preflight_error(records, r
 
 
 def test_restarted_workers_resume_from_their_own_job_not_the_drivers_first_choice(tmp_path):
-    state = {"iteration": 2, "model": {}, "config": {}, "classes": [], "metrics": {}}
+    state = Checkpoint(iteration=2, model={})
     CheckpointStore(str(tmp_path / "run"), job="earlier").save(state)
     assert CheckpointStore(str(tmp_path / "run"), job="now").job_latest() is None
-    saved = CheckpointStore(str(tmp_path / "run"), job="now").save({**state, "iteration": 4})
+    saved = CheckpointStore(str(tmp_path / "run"), job="now").save(Checkpoint(iteration=4, model={}))
     assert CheckpointStore(str(tmp_path / "run"), job="now").job_latest() == saved
 
 
 def test_pointer_is_valid_json_with_nan_metrics_and_old_nan_pointers_still_read(tmp_path):
     store = CheckpointStore(str(tmp_path / "run"))
-    store.save({"iteration": 2, "model": {}, "metrics": {"segm/APs": float("nan"), "segm/AP": 0.5}})
+    store.save(Checkpoint(iteration=2, model={}, metrics={"segm/APs": float("nan"), "segm/AP": 0.5}))
 
     def strict(word: str):
         raise ValueError(f"{word} is not JSON")
@@ -129,9 +129,9 @@ def test_resumed_run_without_pointer_keeps_its_best_checkpoint(tmp_path):
     store = CheckpointStore(str(tmp_path / "run"), keep=1)
     for iteration in (10, 20):
         best = {"metric": "panoptic/PQ", "value": 1.0, "iteration": 10}
-        store.save({"iteration": iteration, "model": {}, "best": best}, is_best=iteration == 10)
+        store.save(Checkpoint(iteration=iteration, model={}, best=best), is_best=iteration == 10)
     (tmp_path / "run" / "checkpoints" / "latest.json").unlink()
-    store.save({"iteration": 30, "model": {}, "best": best})
+    store.save(Checkpoint(iteration=30, model={}, best=best))
     assert [n for n in storage.listdir(store.dir) if n.endswith(".pth")] == ["model_0000010.pth", "model_0000030.pth"]
     assert store.pointer()["best"]["checkpoint"] == "model_0000010.pth"
 
@@ -201,3 +201,18 @@ def test_a_pointer_read_torn_by_a_concurrent_save_is_read_again(moto_server):
     storage.write_bytes(uri, torn)
     with pytest.raises(CheckpointError, match="latest.json is damaged"):
         store.pointer()
+
+
+def test_checkpoint_format_is_versioned(tmp_path):
+    store = CheckpointStore(str(tmp_path / "run"))
+    uri = store.save(Checkpoint(iteration=3, model={"w": torch.ones(2)}, starts=[0]))
+    raw = torch.load(uri, weights_only=True)
+    assert raw["format"] == 1 and raw["iteration"] == 3 and raw["starts"] == [0]
+    # written before the format had a version: the same keys, read as they are
+    old = tmp_path / "old.pth"
+    torch.save({k: v for k, v in raw.items() if k not in ("format", "converted_from")}, old)
+    assert load_checkpoint(str(old)).starts == [0]
+    newer = tmp_path / "newer.pth"
+    torch.save({**raw, "format": 2}, newer)
+    with pytest.raises(CheckpointError, match=rf"{newer} has checkpoint format 2.*upgrade"):
+        load_checkpoint(str(newer))

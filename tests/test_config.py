@@ -2,13 +2,17 @@
 
 import argparse
 import importlib.util
+import subprocess
+import sys
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
-from mpformer_ray.config import (DEFAULT_PRESET, ConfigError, add_config_arguments, apply_overrides, config_from_dict,
-                                 load_config, piloted_layers, to_yaml)
+from mpformer_ray.config import (DEFAULT_PRESET, ConfigError, Registry, add_config_arguments, apply_overrides,
+                                 config_from_dict, field_type, load_config, piloted_layers, to_yaml)
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
@@ -61,6 +65,11 @@ def test_mapping_fields_take_a_yaml_mapping():
     ("model.pilot.layers=99", ["model.pilot.layers", "dec_layers"]),
     ("model.pilot.layers=some", ["model.pilot.layers", "'all'"]),
     ("train.max_iters", ["section.field=value"]),
+    # rules about one config's values run wherever a config is built, not only in the training job's preflight
+    ("train.log_period=0", ["train.log_period must be >= 1; got 0"]),
+    ("train.cpus_per_worker=0", ["train.cpus_per_worker must be > 0"]),
+    ("train.amp=fp16", ["train.amp=fp16 needs a GPU"]),
+    ("train.worker_resources={CPU: 1}", ["train.worker_resources.CPU: set it through train.cpus_per_worker"]),
 ])
 def test_bad_overrides_name_the_field(override, words):
     with pytest.raises(ConfigError) as e:
@@ -85,6 +94,15 @@ def test_yaml_file_with_base_and_unknown_key(tmp_path):
         load_config(str(bad))
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
         load_config("nope")
+
+
+def test_a_config_built_directly_is_validated_too():
+    from mpformer_ray.config import Config, TrainConfig
+
+    with pytest.raises(ConfigError, match="train.log_period must be >= 1"):
+        Config(train=TrainConfig(log_period=0))
+    with pytest.raises(ConfigError, match="unknown key.*fail_at_iter"):  # fault injection is the harness's
+        load_config("tiny", ["train.fail_at_iter=3"])
 
 
 def test_round_trip_through_dict_and_yaml():
@@ -136,3 +154,36 @@ def test_every_job_takes_several_pairs_after_one_set(job, required):
     if job == "predict":  # positionals after the pairs need --
         args = parse_args(["--checkpoint", "c.pth", "--set", "train.seed=1", "--", "a.png", "b.png"])
         assert args.overrides == ["train.seed=1"] and args.images == ["a.png", "b.png"]
+
+
+@pytest.mark.parametrize("field, bad, registry", [
+    ("model.pilot.mask_noise", "blur", "mpformer_ray.model.pilot:MASK_NOISE"),
+    ("model.backbone", "vgg16", "mpformer_ray.model.backbone:BACKBONES"),
+    ("model.backbone_norm", "batch", "mpformer_ray.model.backbone:NORMS"),
+])
+def test_registry_fields_refuse_an_unknown_name_listing_the_registered_ones(tmp_path, field, bad, registry):
+    names = list(Registry(registry).load())
+    assert typing.get_args(field_type(field)) == (str, Registry(registry))
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [f"{field}={bad}"])
+    assert f"{field}: {bad!r} is not one of {names}" in str(e.value)
+    section, key = field.rsplit(".", 1)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"base": "tiny", **_nested(section, {key: bad})}))
+    with pytest.raises(ConfigError, match=rf"bad\.yaml: {field}: '{bad}' is not one of"):
+        load_config(str(path))
+    load_config("tiny", [f"{field}={names[-1]}"])  # every registered name is accepted
+
+
+def _nested(dotted: str, leaf: dict) -> dict:
+    for part in reversed(dotted.split(".")):
+        leaf = {part: leaf}
+    return leaf
+
+
+def test_loading_the_config_module_imports_no_torch():
+    # Ray drivers import it; the registries it names are imported only when a value is checked
+    code = "import sys, mpformer_ray.config; print('torch' in sys.modules, 'mpformer_ray.model' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=JOBS.parent).stdout
+    assert out.split() == ["False", "False"]

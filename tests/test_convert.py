@@ -30,7 +30,7 @@ from mpformer_ray.train import (  # noqa: E402
     preflight,
     train_loop,
 )
-from mpformer_ray.train.checkpoint import CheckpointError, initial_weights  # noqa: E402
+from mpformer_ray.train.checkpoint import Checkpoint, CheckpointError, initial_weights  # noqa: E402
 from test_eval_predict import _job_main  # noqa: E402 (jobs/ by path: a module name could be taken)
 
 
@@ -40,9 +40,9 @@ ATOL = 1e-4
 SIZES = {"resnet50": (64, 96), "swin_t": (256, 256)}
 
 
-def our_model(checkpoint: dict) -> torch.nn.Module:
-    model = build_model(config_from_dict(checkpoint["config"]))
-    model.load_state_dict(checkpoint["model"])
+def our_model(checkpoint: Checkpoint) -> torch.nn.Module:
+    model = build_model(config_from_dict(checkpoint.config))
+    model.load_state_dict(checkpoint.model)
     return model.eval()
 
 
@@ -63,10 +63,10 @@ def hf(request, tmp_path_factory) -> dict:
 def test_hf_checkpoint_computes_mask2former_outputs(hf):
     conversion = convert("hf", hf["path"], load_config("r50"))
     ckpt = conversion.checkpoint
-    m = ckpt["config"]["model"]
+    m = ckpt.config["model"]
     assert (m["backbone"], m["num_classes"], m["num_queries"], m["dec_layers"], m["enc_layers"]) == (
         hf["backbone"], 133, 100, 9, 6)
-    assert ckpt["classes"][0] == {"id": 0, "name": "LABEL_0", "isthing": True}
+    assert ckpt.classes[0] == {"id": 0, "name": "LABEL_0", "isthing": True}
     # every HF tensor is used or skipped by name, for a reason
     used = {name for names in conversion.sources.values() for name in names}
     assert used | set(conversion.skipped) == set(hf["saved"]) and not used & set(conversion.skipped)
@@ -175,7 +175,7 @@ def test_mp_former_checkpoint_without_query_embed_and_with_label_enc(hf, tmp_pat
     torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}, "iteration": 368750}, path)
     conversion = convert("detectron2", str(path), load_config("r50"))
     assert "zeros" in conversion.initialised["predictor.query_embed.weight"]
-    assert torch.equal(conversion.checkpoint["model"]["pilot.label_embed.weight"], torch.from_numpy(label_enc))
+    assert torch.equal(conversion.checkpoint.model["pilot.label_embed.weight"], torch.from_numpy(label_enc))
     query_pos = hf["model"].model.transformer_module.queries_embedder.weight
     kept = query_pos.detach().clone()
     with torch.no_grad():
@@ -269,11 +269,11 @@ def test_converted_checkpoint_trains_with_the_pilot_and_evaluates(tmp_path, caps
                reports.append, store, classes=classes)
     assert reports and all(np.isfinite(r["loss"]) for r in reports) and reports[-1]["loss_pilot"] > 0
     trained = load_checkpoint(latest_checkpoint(store.run_uri))
-    assert trained["iteration"] == 3
+    assert trained.iteration == 3
     fresh = build_model(run_cfg).state_dict()
     key = "predictor.class_embed.weight"
     # three small AdamW steps from the converted weights, far from a fresh initialisation
-    moved = (trained["model"][key] - converted["model"][key]).abs().max()
+    moved = (trained.model[key] - converted["model"][key]).abs().max()
     assert 0 < moved < 0.01 < (fresh[key] - converted["model"][key]).abs().max()
     assert _job_main("evaluate")(["--checkpoint", store.run_uri, "--max-images", "2", "--device", "cpu"]) == 0
     capsys.readouterr()
@@ -298,7 +298,7 @@ def test_convert_from_and_to_s3(moto_server, tmp_path, capsys):
     out = f"s3://{moto_server['bucket']}/weights/m2f-r18.pth"
     assert _job_main("convert_checkpoint")(["--from", "hf", "--src", src, "--config", "tiny", "--out", out]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
-    cfg = config_from_dict(load_checkpoint(out)["config"])
+    cfg = config_from_dict(load_checkpoint(out).config)
     cfg.model.weights = out
     assert "predictor.class_embed.weight" in initial_weights(cfg)
     assert _job_main("convert_checkpoint")(["--from", "hf", "--src", src + "-missing", "--config", "tiny", "--out", out]) == 2

@@ -29,7 +29,7 @@ from mpformer_ray.predict import (
     predict,
     write_predictions,
 )
-from mpformer_ray.train.checkpoint import save_checkpoint
+from mpformer_ray.train.checkpoint import Checkpoint, save_checkpoint
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,12 +225,11 @@ def test_write_predictions_files(model_and_cfg, classes, tmp_path, fmt):
         assert ann["area"] > 0
 
 
-def _checkpoint(run_uri: str, cfg, classes: list[dict], endpoint_url: str | None = None) -> str:
+def _checkpoint(run_uri: str, cfg, classes: list[dict]) -> str:
     torch.manual_seed(0)
     model = build_model(cfg)
-    state = {"iteration": 1, "model": model.state_dict(), "config": cfg.to_dict(), "classes": classes,
-             "metrics": {}, "best": None}
-    return save_checkpoint(state, run_uri, endpoint_url)
+    return save_checkpoint(Checkpoint(iteration=1, model=model.state_dict(), config=cfg.to_dict(), classes=classes),
+                           run_uri)
 
 
 def _job_main(name: str):

@@ -24,7 +24,7 @@ from mpformer_ray.config import load_config
 from mpformer_ray.data.coco import convert_coco
 from mpformer_ray.data.records import read_manifest
 from mpformer_ray.model import build_model
-from mpformer_ray.train.checkpoint import save_checkpoint
+from mpformer_ray.train.checkpoint import Checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,8 +58,8 @@ def test_submit_evaluate_job_with_token(ray_head, synthetic_coco, tmp_path):
     convert_coco(str(synthetic_coco), "val", val, task="panoptic", shard_size=2, num_workers=1, progress=False)
     cfg = load_config("tiny", TINY + [f"data.val={val}"])
     torch.manual_seed(0)
-    state = {"iteration": 1, "model": build_model(cfg).state_dict(), "config": cfg.to_dict(),
-             "classes": read_manifest(val)["classes"], "metrics": {}, "best": None}
+    state = Checkpoint(iteration=1, model=build_model(cfg).state_dict(), config=cfg.to_dict(),
+                       classes=read_manifest(val)["classes"])
     save_checkpoint(state, str(tmp_path / "run"))
     # the token from a file, the way a workstation keeps it (RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)
     token_file = tmp_path / "token"
@@ -90,3 +90,31 @@ def test_submit_train_job_with_token(ray_head, tmp_path):
     assert "iter 4/4" in out and "final metrics" in out and "panoptic/PQ" in out
     pointer = json.loads((tmp_path / "runs" / "submitted" / "checkpoints" / "latest.json").read_text())
     assert pointer["iteration"] == 4 and pointer["latest"] == "model_0000004.pth"
+
+
+def test_storage_options_set_in_the_driver_reach_the_clusters_workers(ray_head, tmp_path):
+    """A driver joining a running cluster sets ``storage.region`` once (from its config); Ray's workers, which
+    were started before it with an environment of their own, see the same options: tasks and Ray Data's."""
+    script = """
+import json, ray
+from mpformer_ray import storage
+from mpformer_ray.config import load_config
+from mpformer_ray.train.trainer import init_ray
+
+storage.configure(load_config("tiny", ["storage.region=eu-west-3"]).storage)
+assert not init_ray()
+
+@ray.remote(num_cpus=0)
+def probe():
+    return storage.options().region, storage.resolve("s3://bucket/key")[0].region
+
+rows = ray.data.range(2).map(lambda row: {"region": storage.resolve("s3://bucket/key")[0].region}).take_all()
+print("REGIONS", json.dumps([*ray.get(probe.remote()), *[r["region"] for r in rows]]))
+"""
+    env = client_env(ray_head["home"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=ray_head["token"],
+                     RAY_ADDRESS=ray_head["gcs"])
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (line,) = [line for line in out.stdout.splitlines() if line.startswith("REGIONS ")]
+    assert json.loads(line[len("REGIONS "):]) == ["eu-west-3"] * 4

@@ -150,14 +150,17 @@ def test_criterion_equals_a_per_prediction_reference():
     g = torch.Generator().manual_seed(0)
     counts, k, q, d, groups, num_preds = [2, 0, 3], 5, 6, 4, 2, 3
     weights = {"ce": 2.0, "mask": 5.0, "dice": 5.0}
-    criterion = SetCriterion(k, HungarianMatcher(100.0, 1.0, 1.0, 256), weights["ce"], weights["mask"], weights["dice"],
-                             0.1, num_points=100_000, oversample_ratio=1.0, importance_sample_ratio=0.0)
+    matcher = HungarianMatcher(class_weight=100.0, mask_weight=1.0, dice_weight=1.0, num_points=256)
+    criterion = SetCriterion(num_classes=k, matcher=matcher, class_weight=weights["ce"], mask_weight=weights["mask"],
+                             dice_weight=weights["dice"], no_object_weight=0.1, num_points=100_000,
+                             oversample_ratio=1.0, importance_sample_ratio=0.0)
     targets = [{"labels": torch.randperm(k, generator=g)[:n],
                 "masks": torch.rand(n, 32, 32, generator=g) < 0.4} for n in counts]
     features = torch.randn(3, d, 8, 8, generator=g, requires_grad=True)
     n_max = max(counts)
     # the layout as the model builds it: slot s of image i reconstructs segment s % n_max when that exists
-    pilot = PilotQueries(k, d, groups, "none", 0.0, 0.0, num_preds - 1)(targets, q, (32, 32))
+    pilot = PilotQueries(num_classes=k, hidden_dim=d, groups=groups, mask_noise="none", noise_ratio=0.0,
+                         label_noise=0.0, piloted_layers=num_preds - 1)(targets, q, (32, 32))
     valid, target_index, pilot_labels = pilot.valid, pilot.target_index, pilot.labels
     assert target_index.tolist()[2] == [0, 1, 2, 0, 1, 2] and valid.tolist()[1] == [False] * 6
 
@@ -371,7 +374,7 @@ def test_matcher_names_diverged_training_instead_of_scipys_error():
     masks = torch.randn(2, 5, 8, 8, generator=gen)
     targets = [{"labels": torch.tensor([0, 2]), "masks": torch.rand(2, 16, 16, generator=gen) > 0.5}] * 2
     with pytest.raises(FloatingPointError, match="not finite.*lower train.lr"):
-        HungarianMatcher(2.0, 5.0, 5.0, 64)(logits, masks, targets)
+        HungarianMatcher(class_weight=2.0, mask_weight=5.0, dice_weight=5.0, num_points=64)(logits, masks, targets)
 
 
 @pytest.mark.parametrize("overrides, counts", [

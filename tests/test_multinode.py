@@ -26,7 +26,8 @@ from statistics import mean
 import pytest
 import torch
 
-from conftest import TINY_MODEL, VENV_BIN, client_env, free_ports, session_pids, started_ray_head, synthetic_on_s3
+from conftest import TINY_MODEL, VENV_BIN, client_env, free_ports, started_ray_head, synthetic_on_s3
+from servers import session_pids, start
 
 from mpformer_ray import storage
 from mpformer_ray.config import Config, load_config
@@ -51,14 +52,14 @@ def s3_data(moto_server, tmp_path_factory) -> dict:
 def start_node(head: dict, name: str, log: Path) -> subprocess.Popen:
     """A worker node of 2 CPUs joining ``head``, with the resources {"trainer": 1, name: 1}."""
     manager, objects, agent, agent_grpc, runtime_env, metrics = free_ports(6)
-    return subprocess.Popen(
+    return start(
         [str(VENV_BIN / "ray"), "start", "--block", "--address", head["gcs"], "--num-cpus", "2",
          "--resources", json.dumps({"trainer": 1, name: 1}), "--node-manager-port", str(manager),
          "--object-manager-port", str(objects), "--dashboard-agent-listen-port", str(agent),
          "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env),
          "--metrics-export-port", str(metrics), "--disable-usage-stats"],
         env=client_env(head["home"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=head["token"]),
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
 def kill_node(node: subprocess.Popen) -> None:
@@ -134,8 +135,7 @@ def test_training_spans_nodes_and_survives_losing_one(s3_data, tmp_path):
             env = client_env(head["home"], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=head["token"],
                              RAY_ADDRESS=head["gcs"])
             log = open(tmp_path / "job.log", "w+")
-            job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+            job = start(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
             try:
                 deadline = time.time() + 400
                 while (store.pointer() or {}).get("iteration", 0) < PERIOD:
@@ -173,13 +173,13 @@ def test_training_spans_nodes_and_survives_losing_one(s3_data, tmp_path):
 
     # the run went on from the last S3 checkpoint before the loss, and ended as a single-node run does
     ckpt = load_checkpoint(latest_checkpoint(run))
-    assert ckpt["iteration"] == MAX_ITERS and ckpt["starts"][0] == 0 and len(ckpt["starts"]) >= 2, ckpt["starts"]
-    assert ckpt["starts"][1] == lost_at, (lost_at, ckpt["starts"])  # at most checkpoint_period iterations lost
+    assert ckpt.iteration == MAX_ITERS and ckpt.starts[0] == 0 and len(ckpt.starts) >= 2, ckpt.starts
+    assert ckpt.starts[1] == lost_at, (lost_at, ckpt.starts)  # at most checkpoint_period iterations lost
     assert [n for n in storage.listdir(store.dir) if n.endswith(".pth")] == ["model_0000020.pth", "model_0000030.pth"]
     out = (tmp_path / "job.log").read_text()
     losses = [float(x) for x in re.findall(rf"iter \d+/{MAX_ITERS}\s+loss ([0-9.]+)", out)]
     assert len(losses) >= 4, out[-3000:]
     cfg = load_config(overrides=overrides)
-    before, after = training_loss(cfg, None, s3_data["train"]), training_loss(cfg, ckpt["model"], s3_data["train"])
+    before, after = training_loss(cfg, None, s3_data["train"]), training_loss(cfg, ckpt.model, s3_data["train"])
     assert after < 0.9 * before, (before, after, losses)
     assert "final metrics" in out and "sem_seg/mIoU" in out

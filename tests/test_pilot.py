@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mpformer_ray.model.pilot import PilotQueries, affine_noise, box_of
+from mpformer_ray.model.pilot import PilotQueries, box_of, scale_noise, shift_noise
 
 H = W = 64
 Q = 5
@@ -31,7 +33,7 @@ def random_targets(counts: list[int], seed: int = 0, num_classes: int = 7) -> li
 
 def make_pilot(groups: int = 3, noise: str = "none", ratio: float = 0.0, label_noise: float = 0.0,
                layers: int = 6, num_classes: int = 7) -> PilotQueries:
-    return PilotQueries(num_classes, hidden_dim=16, groups=groups, mask_noise=noise, noise_ratio=ratio,
+    return PilotQueries(num_classes=num_classes, hidden_dim=16, groups=groups, mask_noise=noise, noise_ratio=ratio,
                         label_noise=label_noise, piloted_layers=layers)
 
 
@@ -138,17 +140,17 @@ def test_shift_and_scale_noise_stay_within_ratio():
     masks = torch.zeros(200, H, W, dtype=torch.bool)
     masks[:, 20:40, 16:32] = True  # box 16 wide, 20 high, centre (23.5, 29.5)
     ratio = 0.25
-    shifted = affine_noise(masks, "shift", ratio)
+    shifted = shift_noise(masks, ratio)
     cx, cy, bw, bh = box_of(shifted)
     assert torch.equal(bw, torch.full_like(bw, 16.0)) and torch.equal(bh, torch.full_like(bh, 20.0))
     assert ((cx - 23.5).abs() <= ratio * 16 + 1).all() and ((cy - 29.5).abs() <= ratio * 20 + 1).all()
     assert (cx - 23.5).abs().max() > 1  # it does move
-    scaled = affine_noise(masks, "scale", ratio)
+    scaled = scale_noise(masks, ratio)
     cx, cy, bw, bh = box_of(scaled)
     assert ((bw >= 16 * (1 - ratio) - 1) & (bw <= 16 * (1 + ratio) + 1)).all()
     assert ((cx - 23.5).abs() <= 1).all() and ((cy - 29.5).abs() <= 1).all()
     assert bw.unique().numel() > 3
-    assert torch.equal(affine_noise(masks, "shift", 0.0), masks)
+    assert torch.equal(shift_noise(masks, 0.0), masks)
 
 
 def test_pilot_config_is_validated():
@@ -236,3 +238,28 @@ def test_decoder_matches_the_released_pilot_rules():
     for suffix, logits in zip([f"_{i}" for i in range(layers)] + [""], out.logits[:, :, q:], strict=True):
         want = F.cross_entropy(logits.transpose(1, 2), ref["ce_targets"], model.criterion.empty_weight)
         torch.testing.assert_close(losses[f"loss_ce_pilot{suffix}"], want * cfg.model.class_weight)
+
+
+def test_a_registered_noise_kind_is_a_config_choice_and_is_dispatched(monkeypatch):
+    """MASK_NOISE is the one list of kinds: a kind registered there loads from a config and both of its
+    steps run (``source`` once per forward, ``layer`` at each piloted layer); unregistered, it is refused."""
+    from mpformer_ray.config import ConfigError, load_config
+    from mpformer_ray.model.pilot import MASK_NOISE, MaskNoise
+
+    blank = MaskNoise(source=lambda masks, ratio: torch.zeros_like(masks), layer=lambda masks, ratio: ~masks)
+    monkeypatch.setitem(MASK_NOISE, "blank", blank)
+    cfg = load_config("tiny", ["model.pilot.mask_noise=blank", "model.pilot.noise_ratio=0.5"])
+    batch = PilotQueries.from_config(cfg.model)(random_targets([2, 3]), Q, (H, W))
+    assert batch.masks.shape[1] > 0 and not batch.masks.any()
+    assert batch.cross_attention_mask(0, SIZES[0]).all()
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match=r"model\.pilot\.mask_noise: 'blank' is not one of \['none', 'point'"):
+        load_config("tiny", ["model.pilot.mask_noise=blank"])
+
+
+def test_readme_lists_the_registered_noise_kinds():
+    from mpformer_ray.model.pilot import MASK_NOISE
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    row = re.search(r"`mask_noise` \(([^)]*)\)", readme)
+    assert row is not None and re.findall(r"`(\w+)`", row.group(1)) == list(MASK_NOISE)

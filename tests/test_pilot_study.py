@@ -84,7 +84,7 @@ def _write_sweep(uri: Path, cfg, sweep_file: str, finals: dict, prefix: str, fai
                               error=RuntimeError("worker died"), path=str(uri / f"{prefix}_{len(finals):05d}"),
                               metrics_dataframe=None))
     table = report.trials_table(results, "panoptic/PQ", names, MAX_ITERS)
-    report.write_outputs(str(uri), None, table, None, {})
+    report.write_outputs(str(uri), table, None, {})
     return uri
 
 

@@ -215,7 +215,7 @@ def test_s3_round_trip_with_worker_pool(synthetic_coco, tmp_path, moto_server):
     local = convert_coco(str(synthetic_coco), "train", str(tmp_path / "local"), task="panoptic", shard_size=5,
                          num_workers=1, progress=False)
     remote = convert_coco(str(synthetic_coco), "train", uri, task="panoptic", shard_size=5, num_workers=2,
-                          progress=False, endpoint_url=moto_server["endpoint_url"])
+                          progress=False)
     assert read_manifest(uri)["num_images"] == local["num_images"] == remote["num_images"]
     a, b = _records(str(tmp_path / "local")), _records(uri)
     assert sorted(a) == sorted(b)
@@ -349,3 +349,34 @@ def test_truncated_shard_names_the_file_and_the_fix(synthetic_coco, tmp_path):
     assert not (tmp_path / "runs").exists()
     rerun = _val_split(synthetic_coco, out)  # the fix: converts the damaged shard again, keeps the other
     assert rerun["reused_shards"] == 1 and len(list(read_records(str(out)))) == 4
+
+
+def test_dataset_formats_are_the_registry_the_cli_and_prepare_read(tmp_path, capsys, monkeypatch):
+    """jobs/prepare_data.py --dataset offers DATASETS' names and prepare() dispatches on them: an unknown
+    name is refused naming the known ones; a converter registered there is offered and run."""
+    import importlib.util
+
+    from mpformer_ray.data.prepare import DATASETS, prepare
+
+    spec = importlib.util.spec_from_file_location("prepare_data_job", REPO / "jobs" / "prepare_data.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    with pytest.raises(SystemExit) as e:
+        job.main(["--dataset", "voc"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice: 'voc'" in err and all(repr(name) in err for name in DATASETS)
+    with pytest.raises(ValueError, match=r"dataset must be one of \['coco', 'ade20k', .*got 'voc'"):
+        prepare("voc", "semantic", str(tmp_path), "train", str(tmp_path / "out"))
+
+    seen = {}
+
+    def convert_voc(root: str, split: str, out: str, scenes: dict, **options) -> dict:
+        seen.update(root=root, split=split, out=out, **options)
+        return {"dataset": "voc", "task": options["task"], "split": split, "num_images": 0, "num_segments": 0,
+                "classes": [], "shards": []}
+
+    monkeypatch.setitem(DATASETS, "voc", convert_voc)
+    out = str(tmp_path / "out")
+    assert job.main(["--dataset", "voc", "--task", "semantic", "--root", str(tmp_path), "--out", out]) == 0
+    assert (seen["root"], seen["split"], seen["out"], seen["task"]) == (str(tmp_path), "train", out, "semantic")
+    assert "dataset=voc task=semantic split=train" in capsys.readouterr().out

@@ -46,7 +46,8 @@ def test_bad_uris_and_unreachable_endpoint_name_the_problem(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "topsecret-value-123")
     with pytest.raises(storage.StorageError) as e:
-        storage.check_writable("s3://bucket/prefix", endpoint_url="http://127.0.0.1:9")
+        storage.configure(storage.Options(endpoint_url="http://127.0.0.1:9"))
+        storage.check_writable("s3://bucket/prefix")
     assert "s3://bucket/prefix" in str(e.value) and "AWS_ENDPOINT_URL" in str(e.value)
     assert "topsecret-value-123" not in str(e.value), "never echo credentials"
 
@@ -105,7 +106,8 @@ def _within(seconds: float, fn) -> BaseException | None:
 
 def test_check_of_a_silent_endpoint_fails_fast_naming_it(silent_endpoint, caplog):
     caplog.set_level("INFO", logger="mpformer_ray")
-    error = _within(30, lambda: storage.check_writable("s3://bucket/runs/x", silent_endpoint))
+    storage.configure(storage.Options(endpoint_url=silent_endpoint))
+    error = _within(30, lambda: storage.check_writable("s3://bucket/runs/x"))
     assert isinstance(error, storage.StorageError)
     assert silent_endpoint in str(error) and "s3://bucket/runs/x" in str(error) and "no answer within" in str(error)
     assert "Fix: point AWS_ENDPOINT_URL / storage.endpoint_url" in str(error)
@@ -126,3 +128,35 @@ def test_training_preflight_on_a_silent_endpoint_fails_fast(silent_endpoint, tmp
     assert isinstance(error, PreflightError), error
     assert str(error).startswith("storage.uri='s3://bucket/runs': s3://bucket/runs/") and silent_endpoint in str(error)
     assert "no answer within" in str(error) and "Fix:" in str(error)
+
+
+def test_a_storage_option_set_once_reaches_every_reader_and_writer(moto_server, synthetic_coco, tmp_path, monkeypatch):
+    """``storage.region`` in the config, set once: every S3 client the records, checkpoints and preflight
+    open is made for that region (Ray workers: tests/test_job_submit.py)."""
+    from mpformer_ray.config import load_config
+    from mpformer_ray.data.coco import convert_coco
+    from mpformer_ray.data.records import read_records
+    from mpformer_ray.train import Checkpoint, CheckpointStore, load_checkpoint, preflight
+
+    regions: list[str] = []
+    make = storage._s3.__wrapped__
+    monkeypatch.setattr(storage, "_s3", lambda endpoint, region, check=False: regions.append(region)
+                        or make(endpoint, region, check))
+    root = f"s3://{moto_server['bucket']}/region-{tmp_path.name}"
+    cfg = load_config("tiny", ["storage.region=eu-west-3", f"storage.uri={root}/runs", f"data.train={root}/val",
+                               "data.val=", "model.num_classes=6"])
+    storage.configure(cfg.storage)
+    assert storage.options().region == "eu-west-3" and storage.env_vars()  # what Ray workers inherit
+
+    convert_coco(str(synthetic_coco), "val", f"{root}/val", task="panoptic", shard_size=2, num_workers=1,
+                 progress=False)
+    assert len(list(read_records(f"{root}/val"))) == 4
+    store = CheckpointStore(f"{root}/runs/direct")
+    saved = store.save(Checkpoint(iteration=1, model={}))
+    assert load_checkpoint(saved).iteration == 1 and store.latest() == saved
+    preflight(cfg)
+    assert len(regions) > 10 and set(regions) == {"eu-west-3"}, regions
+
+    storage.configure()  # back to the environment's
+    storage.resolve(f"{root}/x")
+    assert regions[-1] == "us-east-1"

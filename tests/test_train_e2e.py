@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_MODEL, upload_records
+from servers import start
 
 from mpformer_ray import storage
 from mpformer_ray.config import load_config
 from mpformer_ray.data.synthetic import ensure_synthetic
 from mpformer_ray.train import latest_checkpoint, load_checkpoint
 from mpformer_ray.train.checkpoint import CheckpointStore
+from mpformer_ray.train.failure import FAULT_ENV
 from mpformer_ray.train.loop import fault_marker
 
 pytestmark = pytest.mark.slow
@@ -107,11 +109,11 @@ def test_killed_interrupted_and_failing_run_loses_nothing(s3_data, tmp_path):
     run = f"{s3_data['storage']}/survivor"
     store = CheckpointStore(run)
     cmd = train_command(s3_data, "survivor", "train.max_iters=40", "train.checkpoint_period=5",
-                        "train.fail_at_iter=33", "train.max_failures=2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
+                        "train.max_failures=2")
+    # the worker's death at iteration 33 (the harness's fault injection, passed on to Ray's workers)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": "", FAULT_ENV: "33"}
 
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = start(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         killed_at = wait_for_checkpoint(proc, store, 5)
     finally:
@@ -119,8 +121,7 @@ def test_killed_interrupted_and_failing_run_loses_nothing(s3_data, tmp_path):
     assert store.pointer()["iteration"] == killed_at < 20
 
     with open(tmp_path / "ctrl_c.log", "w+") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = start(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for_checkpoint(proc, store, killed_at + 10)
             os.killpg(proc.pid, signal.SIGINT)
@@ -131,11 +132,11 @@ def test_killed_interrupted_and_failing_run_loses_nothing(s3_data, tmp_path):
         out = log.read()
     latest = store.latest()
     assert f"interrupted; latest checkpoint: {latest}; rerun the same command to resume" in out, out[-3000:]
-    assert load_checkpoint(latest)["starts"] == [0, killed_at]
+    assert load_checkpoint(latest).starts == [0, killed_at]
 
     names = [n for n in storage.listdir(store.dir) if n.endswith(".pth")]
     newest, intact = (storage.join(store.dir, n) for n in names[::-1][:2])
-    intact_at = load_checkpoint(intact)["iteration"]
+    intact_at = load_checkpoint(intact).iteration
     assert intact_at < 33, "the Ctrl-C came too late for the fault to fire after it"
     storage.delete(storage.join(store.dir, "latest.json"))
     storage.write_bytes(newest, storage.read_bytes(newest)[:1000])
@@ -144,9 +145,9 @@ def test_killed_interrupted_and_failing_run_loses_nothing(s3_data, tmp_path):
     assert storage.exists(fault_marker(run, 33)), "the injected fault never fired"
     ckpt = load_checkpoint(latest_checkpoint(run))
     # every attempt began at the checkpoint the previous one left: the restarted workers at 30
-    assert ckpt["iteration"] == 40 and ckpt["starts"] == [0, killed_at, intact_at, 30]
+    assert ckpt.iteration == 40 and ckpt.starts == [0, killed_at, intact_at, 30]
     # and each read the data stream on from where its checkpoint left it (2 workers x batch 2 per iteration)
-    assert ckpt["data"]["images"] == 40 * 4
+    assert ckpt.data["images"] == 40 * 4
     for at in (intact_at, 30):
         assert f"the stream of {s3_data['train']} from image {at * 4}" in out, out[-5000:]
     names = [n for n in storage.listdir(store.dir) if n.endswith(".pth")]
@@ -160,7 +161,7 @@ def test_killed_interrupted_and_failing_run_loses_nothing(s3_data, tmp_path):
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evaluated = json.loads(proc.stdout)
-    final = ckpt["metrics"]
+    final = ckpt.metrics
     assert evaluated["num_images"] == 4
     for key in ["panoptic/PQ", "segm/AP", "sem_seg/mIoU", "consistency/mean", "num_images"]:
         want, got = final[key], evaluated[key]

@@ -16,13 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from servers import start
+
 from mpformer_ray import storage
 from mpformer_ray.amp import resolve_amp
-from mpformer_ray.config import load_config
+from mpformer_ray.config import ConfigError, load_config
 from mpformer_ray.data.pipeline import local_stream
 from mpformer_ray.data.synthetic import ensure_synthetic
 from mpformer_ray.model import build_model
 from mpformer_ray.train import (
+    Checkpoint,
     CheckpointStore,
     PreflightError,
     build_optimizer,
@@ -142,28 +145,28 @@ def test_loop_trains_checkpoints_and_resumes(records, tmp_path, caplog):
     run_loop(cfg6, records, store, reports, resume_from=uri)
     assert [r["iteration"] for r in reports] == [6]
     resumed = load_checkpoint(latest_checkpoint(store.run_uri))
-    assert resumed["iteration"] == 6 and resumed["starts"] == [0, 4]
-    assert resumed["data"] == {"epoch": 1, "images": 12}  # went on with epoch 1, not epoch 0 again
-    assert {s["step"].item() for s in resumed["optimizer"]["state"].values()} == {6.0}
-    assert resumed["scheduler"]["last_epoch"] == 6
+    assert resumed.iteration == 6 and resumed.starts == [0, 4]
+    assert resumed.data == {"epoch": 1, "images": 12}  # went on with epoch 1, not epoch 0 again
+    assert {s["step"].item() for s in resumed.optimizer["state"].values()} == {6.0}
+    assert resumed.scheduler["last_epoch"] == 6
 
     # rerunning a finished run trains nothing, returns its final metrics and says how to go on
     reports = []
     with caplog.at_level("INFO", logger="mpformer_ray.train.loop"):
-        assert run_loop(cfg6, records, store, reports, resume_from=store.latest()) == resumed["metrics"]
+        assert run_loop(cfg6, records, store, reports, resume_from=store.latest()) == resumed.metrics
     assert reports == [] and latest_checkpoint(store.run_uri).endswith("model_0000006.pth")
     assert "raise train.max_iters" in caplog.text and store.run_uri in caplog.text
 
     model, loaded_cfg, classes = load_model(store.run_uri)
     assert not model.training and loaded_cfg.train.max_iters == 6 and classes == ckpt["classes"]
     for k, v in model.state_dict().items():
-        assert torch.equal(v, resumed["model"][k]), k
+        assert torch.equal(v, resumed.model[k]), k
 
     # the curves for TensorBoard: one event file per attempt, the training windows of both
     curves = read_scalars(store.run_uri)
     assert len(storage.listdir(storage.join(store.run_uri, "tensorboard"))) == 2
     assert sorted(curves["train/loss"]) == [2, 4, 6]
-    assert curves["train/loss"][6] == pytest.approx(resumed["metrics"]["loss"])
+    assert curves["train/loss"][6] == pytest.approx(resumed.metrics["loss"])
     assert {"train/lr", "train/images_per_s", "train/data_wait", "train/loss_pilot"} <= curves.keys()
     assert not {"train/iteration", "train/eta_s"} & curves.keys()
 
@@ -209,9 +212,9 @@ def test_evaluations_reach_tensorboard_and_a_failed_run_keeps_its_curves(records
     assert sorted(curves["train/loss"]) == [2, 4]
 
 
-def _state(iteration: int) -> dict:
-    return {"iteration": iteration, "model": {"w": torch.full((2,), float(iteration))},
-            "best": {"metric": "panoptic/PQ", "value": float(iteration), "iteration": iteration}}
+def _state(iteration: int) -> Checkpoint:
+    return Checkpoint(iteration=iteration, model={"w": torch.full((2,), float(iteration))},
+                      best={"metric": "panoptic/PQ", "value": float(iteration), "iteration": iteration})
 
 
 def test_retention_keeps_last_k_plus_best(tmp_path):
@@ -235,7 +238,7 @@ def test_failed_write_leaves_previous_latest(tmp_path):
     with pytest.raises(storage.StorageError, match=r"model_0000004\.pth.*after 2 attempts"):
         store.save(_state(4))
     assert latest_checkpoint(store.run_uri).endswith("model_0000002.pth")
-    assert load_checkpoint(latest_checkpoint(store.run_uri))["iteration"] == 2
+    assert load_checkpoint(latest_checkpoint(store.run_uri)).iteration == 2
 
 
 def test_s3_outage_during_checkpoint_upload_fails_loudly(tmp_path, monkeypatch):
@@ -245,8 +248,8 @@ def test_s3_outage_during_checkpoint_upload_fails_loudly(tmp_path, monkeypatch):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             monkeypatch.setenv(key, "testing")
@@ -260,7 +263,8 @@ def test_s3_outage_during_checkpoint_upload_fails_loudly(tmp_path, monkeypatch):
                 assert time.time() < deadline, "moto server did not start"
                 time.sleep(0.2)
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="ckpt")
-        store = CheckpointStore("s3://ckpt/runs/outage", endpoint, keep=2, attempts=2, retry_wait_s=0.01)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        store = CheckpointStore("s3://ckpt/runs/outage", keep=2, attempts=2, retry_wait_s=0.01)
         store.save(_state(2))
         assert store.latest() == "s3://ckpt/runs/outage/checkpoints/model_0000002.pth"
         proc.terminate()
@@ -300,5 +304,6 @@ def test_preflight_fills_thing_classes_and_names_bad_fields(records, tmp_path, m
     blocker.write_text("not a directory")
     with pytest.raises(PreflightError, match=rf"storage\.uri='{blocker}'.*writable"):
         preflight(tiny_cfg(records, tmp_path, f"storage.uri={blocker}"))
-    with pytest.raises(PreflightError, match=r"train\.checkpoint_period must be >= 1"):
-        preflight(tiny_cfg(records, tmp_path, "train.checkpoint_period=0"))
+    # a rule about the config's own values: refused where the config is built, before any preflight
+    with pytest.raises(ConfigError, match=r"train\.checkpoint_period must be >= 1"):
+        tiny_cfg(records, tmp_path, "train.checkpoint_period=0")

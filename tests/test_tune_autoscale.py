@@ -28,6 +28,7 @@ import yaml
 from conftest import TINY_MODEL, client_env, free_ports, started_ray_head, synthetic_on_s3
 
 from mpformer_ray import storage
+from mpformer_ray.train.failure import FAULT_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ search: grid
 scheduler: none
 max_concurrent: 2
 space:
-  train.fail_at_iter: {grid: [-1, 4]}
+  train.seed: {grid: [0, 1]}
 """
 
 
@@ -101,15 +102,16 @@ def test_sweep_scales_the_cluster_up_and_down(autoscaling_head, moto_server, tmp
         [sys.executable, str(REPO / "jobs" / "tune.py"), "--space", str(space), "--set", *TINY,
          f"data.train={data['train']}", f"data.val={data['val']}",
          f"storage.uri=s3://{moto_server['bucket']}/autoscale", "run.name=grid"],
-        cwd=REPO, env=_env(autoscaling_head), capture_output=True, text=True, timeout=600)
+        # the seed-1 trial's worker dies at iteration 4 (the harness's fault injection)
+        cwd=REPO, env={**_env(autoscaling_head), FAULT_ENV: "4,seed=1"}, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     (tmp_path / "sweep.log").write_text(out)
     assert proc.returncode == 0, out[-5000:]
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(
         f"s3://{moto_server['bucket']}/autoscale/grid/trials.csv").decode())))
-    by_fault = {int(r["train.fail_at_iter"]): r for r in rows}
-    assert by_fault[-1]["status"] == "completed" and float(by_fault[-1]["iteration"]) == 8, rows
-    assert by_fault[4]["status"] == "error" and by_fault[4]["error"], rows
+    by_seed = {int(r["train.seed"]): r for r in rows}
+    assert by_seed[0]["status"] == "completed" and float(by_seed[0]["iteration"]) == 8, rows
+    assert by_seed[1]["status"] == "error" and by_seed[1]["error"], rows
 
     # the trials' Train workers asked for CPUs only new worker nodes had
     workers = [n for n in _nodes(autoscaling_head) if not n["head"]]

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from conftest import TINY_MODEL, client_env, synthetic_on_s3
+from servers import start
 
 from mpformer_ray import storage
 from mpformer_ray.train import load_checkpoint
@@ -106,7 +107,7 @@ def _run_until(cmd: list[str], env: dict, log_path: Path, sig: int, sweep_uri: s
     """Start the sweep, wait until ``ready(saved statuses, checkpoint pointers)`` holds, send ``sig``
     to the driver alone (Ray's processes belong to the test's head); (exit status, saved, pointers)."""
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = start(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + 600
             while not ready(saved := _saved_statuses(sweep_uri), pointers := _trial_pointers(sweep_uri)):
@@ -173,7 +174,7 @@ def test_sweep_on_s3_survives_ctrl_c_and_a_killed_driver(ray_head, s3_sweep, tmp
     # what the resume acts on: Tune's saved state (a trial ASHA stopped after the last save is
     # restored as running and goes on from its checkpoint too)
     done = [t for t, status in saved.items() if status == "TERMINATED"]
-    finished = {t: load_checkpoint(storage.join(sweep_uri, t, "checkpoints", before[t]["latest"]))["starts"]
+    finished = {t: load_checkpoint(storage.join(sweep_uri, t, "checkpoints", before[t]["latest"])).starts
                 for t in done if t in before}
     interrupted = {t: before[t]["iteration"] for t in _running_with_checkpoint(saved, before) if t not in earlier}
     assert finished and interrupted, (saved, before)
@@ -188,11 +189,11 @@ def test_sweep_on_s3_survives_ctrl_c_and_a_killed_driver(ray_head, s3_sweep, tmp
     after = _trial_pointers(sweep_uri)
     for trial, starts in finished.items():
         ckpt = load_checkpoint(storage.join(sweep_uri, trial, "checkpoints", after[trial]["latest"]))
-        assert ckpt["starts"] == starts and starts[0] == 0, trial
+        assert ckpt.starts == starts and starts[0] == 0, trial
     for trial, at in interrupted.items():
         ckpt = load_checkpoint(storage.join(sweep_uri, trial, "checkpoints", after[trial]["latest"]))
-        assert len(ckpt["starts"]) == 2 and ckpt["starts"][0] == 0 and at <= ckpt["starts"][1] < MAX_ITERS, \
-            (trial, ckpt["starts"])
+        assert len(ckpt.starts) == 2 and ckpt.starts[0] == 0 and at <= ckpt.starts[1] < MAX_ITERS, \
+            (trial, ckpt.starts)
 
     # the table: 4 distinct trials, at least one stopped by ASHA, the Optuna suggestions not repeated
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{sweep_uri}/trials.csv").decode())))

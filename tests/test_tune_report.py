@@ -52,7 +52,7 @@ def test_plots_and_files_land_under_the_sweep(tmp_path):
     curves = report.learning_curves(grid, METRIC)
     assert sorted(curves) == ["aaa", "bbb", "ddd"] and list(curves["aaa"]["iteration"]) == [4, 8]
     pngs = report.plots(table, curves, METRIC, PARAMS)
-    written = report.write_outputs(str(tmp_path), None, table, "run: {name: s-best}\n", pngs)
+    written = report.write_outputs(str(tmp_path), table, "run: {name: s-best}\n", pngs)
     assert set(written) == {"trials.csv", "best_config.yaml", "metric_vs_params.png", "history.png",
                             "learning_curves.png"}
     for name, uri in written.items():

@@ -107,18 +107,18 @@ def test_a_sweep_resumes_only_unchanged(tmp_path):
     sweep = load_sweep("pilot", cfg)
     state = _sweep_state(sweep, cfg)
     (tmp_path / SWEEP_STATE).write_text(json.dumps(state))
-    _check_same_sweep(str(tmp_path), _sweep_state(load_sweep("pilot", cfg, max_concurrent=3), cfg), None)
+    _check_same_sweep(str(tmp_path), _sweep_state(load_sweep("pilot", cfg, max_concurrent=3), cfg))
     # a field a later version added (with its default) is no change
     older = json.loads(json.dumps(state))
     del older["config"]["train"]["lr"]
     (tmp_path / SWEEP_STATE).write_text(json.dumps(older))
-    _check_same_sweep(str(tmp_path), state, None)
+    _check_same_sweep(str(tmp_path), state)
     (tmp_path / SWEEP_STATE).write_text(json.dumps(state))
     changed = load_config("tiny", ["train.max_iters=10", "train.eval_period=5"])
     with pytest.raises(SweepError, match="differs in: train.eval_period, train.max_iters"):
-        _check_same_sweep(str(tmp_path), _sweep_state(load_sweep("pilot", changed), changed), None)
+        _check_same_sweep(str(tmp_path), _sweep_state(load_sweep("pilot", changed), changed))
     with pytest.raises(SweepError, match="differs in: sweep num_samples"):
-        _check_same_sweep(str(tmp_path), _sweep_state(load_sweep("pilot", cfg, num_samples=9), cfg), None)
+        _check_same_sweep(str(tmp_path), _sweep_state(load_sweep("pilot", cfg, num_samples=9), cfg))
 
 
 def test_concurrent_trials_must_each_leave_ray_data_a_whole_cpu():
@@ -156,3 +156,20 @@ def test_resume_without_a_sweep_or_on_a_training_run_is_refused_before_anything_
     (tmp_path / "runs" / "s" / "checkpoints").mkdir(parents=True)
     with pytest.raises(SweepError, match="holds a training run"):
         run_sweep(cfg, sweep)
+
+
+def test_choice_values_are_checked_against_the_registry_as_it_is(tmp_path, monkeypatch):
+    """A sweep's choices for a registry's field are its names: a kind registered in MASK_NOISE is a valid
+    choice, and only while it is registered."""
+    from mpformer_ray.model.pilot import MASK_NOISE, MaskNoise
+
+    path = tmp_path / "kinds.yaml"
+    path.write_text("scheduler: none\nspace: {model.pilot.mask_noise: {choice: [point, blank]}}\n")
+    cfg = load_config("tiny")
+    with pytest.raises(SweepError, match=r"model\.pilot\.mask_noise.*'blank' is not one of \['none', 'point'"):
+        load_sweep(str(path), cfg)
+    monkeypatch.setitem(MASK_NOISE, "blank", MaskNoise())
+    assert load_sweep(str(path), cfg).params[0].values == ["point", "blank"]
+    path.write_text("space: {model.pilot.mask_noise: {uniform: [0.0, 1.0]}}\n")
+    with pytest.raises(SweepError, match="model.pilot.mask_noise is a field of type str"):
+        load_sweep(str(path), cfg)

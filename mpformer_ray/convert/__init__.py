@@ -3,7 +3,7 @@
 ``convert(kind, src, cfg)`` reads a Hugging Face ``save_pretrained`` directory (``kind="hf"``, see ``hf.py``)
 or a detectron2-format ``.pkl`` / ``.pth`` (``kind="detectron2"``, see ``detectron2.py``) from a local path or
 s3:// URI, takes the architecture from the source where it says it (classes, queries, layers, widths, the
-backbone) and the rest from ``cfg``, renames every tensor to ours and returns a checkpoint dict as training
+backbone) and the rest from ``cfg``, renames every tensor to ours and returns a ``Checkpoint`` as training
 writes it (``model``, ``iteration`` 0, ``config``, ``classes``), loadable with ``torch.load(weights_only=True)``
 by ``jobs/evaluate.py`` / ``jobs/predict.py``, and as ``model.weights`` (initial weights) by training.
 
@@ -27,6 +27,7 @@ from mpformer_ray import storage
 from mpformer_ray.config import Config, ConfigError, apply_overrides
 from mpformer_ray.convert import detectron2, hf
 from mpformer_ray.convert.mapping import ConvertError, apply_rules, check_against
+from mpformer_ray.train.checkpoint import Checkpoint
 
 __all__ = ["Conversion", "ConvertError", "convert", "save"]
 
@@ -39,7 +40,7 @@ Kind = Literal["hf", "detectron2"]
 class Conversion:
     """A converted checkpoint and what the conversion did."""
 
-    checkpoint: dict[str, Any]
+    checkpoint: Checkpoint
     derived: list[str]  # "model.X: value (config had Y)" for each field taken from the source
     sources: dict[str, list[str]]  # our tensor -> the source tensors it was made from
     skipped: dict[str, str]  # source tensor -> why it is not used
@@ -64,7 +65,7 @@ def _derive(cfg: Config, fields: dict[str, Any], label: str) -> tuple[Config, li
         raise ConvertError(f"{label}: the architecture it states does not fit the config: {e}") from None
 
 
-def convert(kind: Kind, src: str, cfg: Config, endpoint_url: str | None = None, seed: int = 0,
+def convert(kind: Kind, src: str, cfg: Config, seed: int = 0,
             classes: list[dict] | None = None) -> Conversion:
     """Convert the checkpoint at ``src`` (module docstring); ``cfg`` gives what the source does not state.
     ``classes`` (a prepared split's manifest ``classes``, in the source's class order) names the classes and
@@ -72,11 +73,11 @@ def convert(kind: Kind, src: str, cfg: Config, endpoint_url: str | None = None, 
     ``model.thing_classes``. ConvertError naming the file, the tensor or field, and the fix."""
     start = time.perf_counter()
     if kind == "hf":
-        config_json, source = hf.read(src, endpoint_url)
+        config_json, source = hf.read(src)
         label = f"{src} (Hugging Face)"
         fields, rules, names = hf.architecture(config_json, label), hf.RULES, hf.class_names(config_json)
     elif kind == "detectron2":
-        source = detectron2.read(src, endpoint_url)
+        source = detectron2.read(src)
         label = f"{src} (detectron2)"
         fields, rules, names = detectron2.architecture(source, label), detectron2.RULES, None
     else:
@@ -122,19 +123,17 @@ def convert(kind: Kind, src: str, cfg: Config, endpoint_url: str | None = None, 
         names = names or [f"class_{i}" for i in range(cfg.model.num_classes)]
         classes = [{"id": i, "name": n, "isthing": i in things} for i, n in enumerate(names)]
     skipped = dict(sorted(mapped.skipped.items()))
-    checkpoint = {
-        "model": state, "iteration": 0, "config": cfg.to_dict(), "classes": classes, "best": None, "starts": [],
-        "metrics": {}, "converted_from": {"format": kind, "source": src, "skipped": skipped,
-                                          "initialised": dict(sorted(initialised.items()))},
-    }
+    checkpoint = Checkpoint(iteration=0, model=state, config=cfg.to_dict(), classes=classes,
+                            converted_from={"format": kind, "source": src, "skipped": skipped,
+                                            "initialised": dict(sorted(initialised.items()))})
     return Conversion(checkpoint, derived, mapped.sources, skipped, initialised, time.perf_counter() - start)
 
 
-def save(conversion: Conversion, out: str, endpoint_url: str | None = None) -> int:
+def save(conversion: Conversion, out: str) -> int:
     """Write the converted checkpoint to ``out`` (a ``.pth`` path or s3:// URI); returns its size in bytes."""
     if not out.endswith(".pth"):
         raise ConvertError(f"--out {out}: name a .pth file (evaluate / predict / model.weights take one)")
     buffer = io.BytesIO()
-    torch.save(conversion.checkpoint, buffer)
-    storage.write_bytes(out, buffer.getvalue(), endpoint_url)
+    torch.save(conversion.checkpoint.to_dict(), buffer)
+    storage.write_bytes(out, buffer.getvalue())
     return buffer.getbuffer().nbytes

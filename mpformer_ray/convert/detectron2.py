@@ -96,12 +96,12 @@ class _ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to build {module}.{name}")
 
 
-def read(src: str, endpoint_url: str | None = None) -> dict[str, Tensor]:
+def read(src: str) -> dict[str, Tensor]:
     """name -> tensor of the ``.pkl`` / ``.pth`` file ``src`` (local or s3://): its ``model`` entry, or the
     whole file when it is a bare state dict."""
-    if not storage.exists(src, endpoint_url):
+    if not storage.exists(src):
         raise ConvertError(f"--src {src} does not exist")
-    data = storage.read_bytes(src, endpoint_url)
+    data = storage.read_bytes(src)
     try:
         if src.endswith(".pkl"):
             obj = _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()

@@ -98,21 +98,21 @@ _RESNET_DEPTHS = {(2, 2, 2, 2): "resnet18", (3, 4, 6, 3): "resnet50", (3, 4, 23,
 _SWIN_SHAPES = {(96, (2, 2, 6, 2)): "swin_t", (96, (2, 2, 18, 2)): "swin_s", (128, (2, 2, 18, 2)): "swin_b"}
 
 
-def read(src: str, endpoint_url: str | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def read(src: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(config.json as a dict, name -> tensor) of the ``save_pretrained`` directory ``src`` (local or s3://)."""
     config_uri = storage.join(src, "config.json")
-    if not storage.exists(config_uri, endpoint_url):
+    if not storage.exists(config_uri):
         raise ConvertError(f"--src {src}: no config.json there; --from hf takes a directory written by "
                            "Mask2FormerForUniversalSegmentation.save_pretrained")
     try:
-        config = json.loads(storage.read_bytes(config_uri, endpoint_url))
+        config = json.loads(storage.read_bytes(config_uri))
     except ValueError as e:
         raise ConvertError(f"{config_uri} is not valid JSON: {e}") from None
     for name in ("model.safetensors", "pytorch_model.bin"):
         uri = storage.join(src, name)
-        if not storage.exists(uri, endpoint_url):
+        if not storage.exists(uri):
             continue
-        data = storage.read_bytes(uri, endpoint_url)
+        data = storage.read_bytes(uri)
         try:
             if name.endswith(".safetensors"):
                 from safetensors.torch import load as load_safetensors

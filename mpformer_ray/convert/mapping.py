@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from mpformer_ray.errors import UserError
 
-class ConvertError(ValueError):
+
+class ConvertError(UserError, ValueError):
     """A source checkpoint does not fit: the message names the file, the tensor or config field, and the fix."""
 
 

@@ -112,7 +112,7 @@ def ade20k_items(root: str | Path, split: str, report: ConversionReport) -> list
 
 
 def convert_ade20k(root: str, split: str, out: str, *, task: str = "semantic", shard_size: int = 500,
-                   num_workers: int = 0, strict: bool = False, endpoint_url: str | None = None,
+                   num_workers: int = 0, strict: bool = False,
                    progress: bool = True, max_skipped: float = MAX_SKIPPED) -> dict:
     """Convert ADE20K ``split`` ("training"/"validation", or "train"/"val") under ``root`` to
     semantic records at ``out`` (local or s3://); returns the manifest."""
@@ -123,8 +123,7 @@ def convert_ade20k(root: str, split: str, out: str, *, task: str = "semantic", s
     items = ade20k_items(root, split, report)
     convert = functools.partial(convert_ade20k_item, root=str(Path(root).expanduser().resolve()))
     return write_dataset(out, items, convert, dataset="ade20k", task=task, split=canonical_split(split),
-                         classes=ade20k_classes(), shard_size=shard_size, num_workers=num_workers, strict=strict,
-                         endpoint_url=endpoint_url, progress=progress, report=report, max_skipped=max_skipped)
+                         classes=ade20k_classes(), shard_size=shard_size, num_workers=num_workers, strict=strict, progress=progress, report=report, max_skipped=max_skipped)
 
 
 def write_ade20k_layout(root: str | Path, split: str, num: int, size: int | tuple[int, int], seed: int) -> None:

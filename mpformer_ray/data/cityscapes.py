@@ -173,7 +173,7 @@ def cityscapes_items(root: str | Path, split: str, task: str, report: Conversion
 
 
 def convert_cityscapes(root: str, split: str, out: str, *, task: str, shard_size: int = 500,
-                       num_workers: int = 0, strict: bool = False, endpoint_url: str | None = None,
+                       num_workers: int = 0, strict: bool = False,
                        progress: bool = True, max_skipped: float = MAX_SKIPPED) -> dict:
     """Convert Cityscapes ``split`` under ``root`` to ``task`` records at ``out`` (local or s3://);
     returns the manifest."""
@@ -183,7 +183,7 @@ def convert_cityscapes(root: str, split: str, out: str, *, task: str, shard_size
     convert = functools.partial(convert_cityscapes_item, root=str(Path(root).expanduser().resolve()), task=task)
     return write_dataset(out, items, convert, dataset="cityscapes", task=task, split=split,
                          classes=cityscapes_classes(task), shard_size=shard_size, num_workers=num_workers,
-                         strict=strict, endpoint_url=endpoint_url, progress=progress, report=report, max_skipped=max_skipped)
+                         strict=strict, progress=progress, report=report, max_skipped=max_skipped)
 
 
 def write_cityscapes_layout(root: str | Path, split: str, num: int, size: int | tuple[int, int], seed: int) -> None:

@@ -202,12 +202,11 @@ def coco_items(root: str, split: str, task: str,
 
 
 def convert_coco(root: str, split: str, out: str, *, task: str = "panoptic", shard_size: int = 500,
-                 num_workers: int = 0, strict: bool = False, endpoint_url: str | None = None,
+                 num_workers: int = 0, strict: bool = False,
                  progress: bool = True, dataset: str = "coco", max_skipped: float = MAX_SKIPPED) -> dict:
     """Convert COCO ``split`` under ``root`` to records at ``out``; returns the manifest
     (``dataset`` is the name it records, e.g. "synthetic" for the generated COCO layout)."""
     report = ConversionReport(strict)
     items, classes, convert = coco_items(root, split, task, report)
     return write_dataset(out, items, convert, dataset=dataset, task=task, split=split, classes=classes,
-                         shard_size=shard_size, num_workers=num_workers, strict=strict,
-                         endpoint_url=endpoint_url, progress=progress, report=report, max_skipped=max_skipped)
+                         shard_size=shard_size, num_workers=num_workers, strict=strict, progress=progress, report=report, max_skipped=max_skipped)

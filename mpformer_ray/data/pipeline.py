@@ -137,20 +137,19 @@ def _local(stream: RecordsStream, batch_size: int, num_workers: int, device: tor
         yield epoch, to_model_input(images, sizes, targets, device)
 
 
-def local_stream(uri: str, cfg: Config, batch_size: int, start: int = 0, *, endpoint_url: str | None = None,
+def local_stream(uri: str, cfg: Config, batch_size: int, start: int = 0, *,
                  num_workers: int = 0, device: torch.device | str = "cpu") -> Iterator[tuple[int, Batch]]:
     """``stream_batches`` without Ray, endless, from image ``start`` of the stream (same images, same
     augmentation): the training loop's data in unit tests."""
-    stream = RecordsStream(Units.open(uri, seed=cfg.train.seed, endpoint_url=endpoint_url), cfg.data, start=start)
+    stream = RecordsStream(Units.open(uri, seed=cfg.train.seed), cfg.data, start=start)
     return _local(stream, batch_size, num_workers, device, cfg.model.size_divisibility)
 
 
-def local_batches(uri: str, cfg: Config, batch_size: int, *, seed: int = 0, epoch: int = 0,
-                  endpoint_url: str | None = None, num_workers: int = 0, shuffle: bool = True,
+def local_batches(uri: str, cfg: Config, batch_size: int, *, seed: int = 0, epoch: int = 0, num_workers: int = 0, shuffle: bool = True,
                   device: torch.device | str = "cpu", size_divisibility: int = 32) -> Iterator[Batch]:
     """One epoch of the stream (every image once, augmented as the Ray path does for the same seed /
     epoch / image), from a plain ``torch.utils.data.DataLoader`` with ``num_workers`` processes."""
-    units = Units.open(uri, seed=seed, shuffle=shuffle, endpoint_url=endpoint_url)
+    units = Units.open(uri, seed=seed, shuffle=shuffle)
     stream = RecordsStream(units, cfg.data, start=epoch * units.num_images, stop=(epoch + 1) * units.num_images)
     for _, batch in _local(stream, batch_size, num_workers, device, size_divisibility):
         yield batch

@@ -2,18 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mpformer_ray.data.coco import convert_coco
 from mpformer_ray.data.records import MAX_SKIPPED
 from mpformer_ray.data.synthetic import write_coco_layout
 from mpformer_ray.tasks import check_task
 
-DATASETS = ("coco", "ade20k", "cityscapes", "synthetic")
+
+def _coco(root: str, split: str, out: str, scenes: dict[str, Any], **options: Any) -> dict:
+    return convert_coco(root, split, out, dataset="coco", **options)
+
+
+def _synthetic(root: str, split: str, out: str, scenes: dict[str, Any], **options: Any) -> dict:
+    if not (Path(root).expanduser() / "annotations" / f"panoptic_{split}2017.json").exists():
+        write_coco_layout(root, split, **scenes)
+    return convert_coco(root, split, out, dataset="synthetic", **options)
+
+
+def _ade20k(root: str, split: str, out: str, scenes: dict[str, Any], **options: Any) -> dict:
+    from mpformer_ray.data.ade20k import convert_ade20k
+    return convert_ade20k(root, split, out, **options)
+
+
+def _cityscapes(root: str, split: str, out: str, scenes: dict[str, Any], **options: Any) -> dict:
+    from mpformer_ray.data.cityscapes import convert_cityscapes
+    return convert_cityscapes(root, split, out, **options)
+
+
+# dataset name -> converter(root, split, out, scenes, **options) -> manifest; ``scenes`` are the synthetic
+# generator's settings (only "synthetic" reads them), ``options`` the converters' common keywords (task, shard_size,
+# num_workers, strict, progress, max_skipped). jobs/prepare_data.py --dataset offers these names.
+DATASETS: dict[str, Callable[..., dict]] = {
+    "coco": _coco, "ade20k": _ade20k, "cityscapes": _cityscapes, "synthetic": _synthetic}
 
 
 def prepare(dataset: str, task: str, root: str, split: str, out: str, *, shard_size: int = 500,
-            num_workers: int = 0, strict: bool = False, endpoint_url: str | None = None,
+            num_workers: int = 0, strict: bool = False,
             num_images: int = 64, image_size: int = 128, seed: int = 0, variant: str = "easy",
             progress: bool = True, max_skipped: float = MAX_SKIPPED) -> dict:
     """Convert one split of a dataset on disk to records at ``out`` (local or s3://); returns the
@@ -21,20 +48,11 @@ def prepare(dataset: str, task: str, root: str, split: str, out: str, *, shard_s
     COCO layout under ``root`` (kept if that split is already there), then converts them like COCO.
     More than ``max_skipped`` of the split skipped is a DataError (``records.write_dataset``)."""
     if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+        raise ValueError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}")
     check_task(task)
-    kw = dict(task=task, shard_size=shard_size, num_workers=num_workers, strict=strict, endpoint_url=endpoint_url,
-              max_skipped=max_skipped)
-    if dataset in ("coco", "synthetic"):
-        layout_done = (Path(root).expanduser() / "annotations" / f"panoptic_{split}2017.json").exists()
-        if dataset == "synthetic" and not layout_done:
-            write_coco_layout(root, split, num_images, image_size, seed, variant)
-        return convert_coco(root, split, out, dataset=dataset, progress=progress, **kw)
-    if dataset == "ade20k":
-        from mpformer_ray.data.ade20k import convert_ade20k
-        return convert_ade20k(root, split, out, **kw)
-    from mpformer_ray.data.cityscapes import convert_cityscapes
-    return convert_cityscapes(root, split, out, **kw)
+    scenes = dict(num=num_images, size=image_size, seed=seed, variant=variant)
+    return DATASETS[dataset](root, split, out, scenes, task=task, shard_size=shard_size, num_workers=num_workers,
+                             strict=strict, progress=progress, max_skipped=max_skipped)
 
 
 def format_summary(manifest: dict, out: str) -> str:

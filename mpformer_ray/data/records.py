@@ -36,6 +36,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from mpformer_ray import storage
+from mpformer_ray.errors import UserError
 from mpformer_ray.log import format_eta
 
 SCHEMA_VERSION = 1
@@ -64,7 +65,7 @@ SCHEMA = pa.schema([
 ])
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad dataset input; the message names the file and the fix."""
 
 
@@ -187,8 +188,7 @@ def _report_name(index: int) -> str:
     return f"part-{index:05d}.report.json"
 
 
-def _convert_shard(out_uri: str, index: int, items: Sequence, convert: Callable, strict: bool,
-                   endpoint_url: str | None) -> dict:
+def _convert_shard(out_uri: str, index: int, items: Sequence, convert: Callable, strict: bool) -> dict:
     """Convert one shard's items and write its Parquet file, then its sidecar report."""
     report = ConversionReport(strict)
     rows = []
@@ -199,16 +199,16 @@ def _convert_shard(out_uri: str, index: int, items: Sequence, convert: Callable,
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, row_group_size=64)
-    storage.write_bytes(storage.join(out_uri, _shard_name(index)), sink.getvalue().to_pybytes(), endpoint_url)
+    storage.write_bytes(storage.join(out_uri, _shard_name(index)), sink.getvalue().to_pybytes())
     sidecar = {"file": _shard_name(index), "num_items": len(items), "num_images": len(rows),
                "num_segments": sum(len(r["segments"]) for r in rows), **report.to_dict()}
-    storage.write_bytes(storage.join(out_uri, _report_name(index)), json.dumps(sidecar).encode(), endpoint_url)
+    storage.write_bytes(storage.join(out_uri, _report_name(index)), json.dumps(sidecar).encode())
     return sidecar
 
 
 def write_dataset(out_uri: str, items: Sequence, convert: Callable[[Any, ConversionReport], dict | None], *,
                   dataset: str, task: str, split: str, classes: list[dict], shard_size: int = 500,
-                  num_workers: int = 0, strict: bool = False, endpoint_url: str | None = None,
+                  num_workers: int = 0, strict: bool = False,
                   progress: bool = True, report: ConversionReport | None = None,
                   max_skipped: float = MAX_SKIPPED) -> dict:
     """Convert ``items`` into sharded Parquet under ``out_uri`` and return the manifest.
@@ -229,16 +229,16 @@ def write_dataset(out_uri: str, items: Sequence, convert: Callable[[Any, Convers
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if not 0 <= max_skipped <= 1:
         raise ValueError(f"max_skipped is a share of the split in [0, 1], got {max_skipped}")
-    storage.check_writable(out_uri, endpoint_url)
+    storage.check_writable(out_uri)
     shards = [items[i:i + shard_size] for i in range(0, len(items), shard_size)]
-    existing = set(storage.listdir(out_uri, endpoint_url))
+    existing = set(storage.listdir(out_uri))
     results: dict[int, dict] = {}
     for index in range(len(shards)):
         if _shard_name(index) in existing and _report_name(index) in existing:
-            sidecar = json.loads(storage.read_bytes(storage.join(out_uri, _report_name(index)), endpoint_url))
+            sidecar = json.loads(storage.read_bytes(storage.join(out_uri, _report_name(index))))
             # else written with another --shard-size, or the shard was truncated or damaged since
             if sidecar.get("num_items") == len(shards[index]) and _shard_rows_or_none(
-                    out_uri, _shard_name(index), endpoint_url) == sidecar.get("num_images"):
+                    out_uri, _shard_name(index)) == sidecar.get("num_images"):
                 results[index] = sidecar
     todo = [i for i in range(len(shards)) if i not in results]
     workers = num_workers or os.cpu_count() or 1
@@ -257,12 +257,12 @@ def write_dataset(out_uri: str, items: Sequence, convert: Callable[[Any, Convers
 
     if workers == 1 or len(todo) <= 1:
         for index in todo:
-            note(index, _convert_shard(out_uri, index, shards[index], convert, strict, endpoint_url))
+            note(index, _convert_shard(out_uri, index, shards[index], convert, strict))
     else:
         # spawn, not fork: a forked child would inherit pyarrow's S3 client threads mid-state
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
-            futures = {pool.submit(_convert_shard, out_uri, i, shards[i], convert, strict, endpoint_url): i
+            futures = {pool.submit(_convert_shard, out_uri, i, shards[i], convert, strict): i
                        for i in todo}
             try:
                 for future in as_completed(futures):
@@ -282,7 +282,7 @@ def write_dataset(out_uri: str, items: Sequence, convert: Callable[[Any, Convers
     if skipped > max_skipped * (skipped + num_images):
         for index, sidecar in results.items():
             if sidecar.get("skipped"):
-                storage.delete(storage.join(out_uri, _report_name(index)), endpoint_url)
+                storage.delete(storage.join(out_uri, _report_name(index)))
         raise DataError(_too_many_skipped(split, out_uri, total, skipped, num_images, max_skipped))
     manifest = {
         "schema_version": SCHEMA_VERSION, "dataset": dataset, "task": task, "split": split, "classes": classes,
@@ -292,7 +292,7 @@ def write_dataset(out_uri: str, items: Sequence, convert: Callable[[Any, Convers
         "reused_shards": len(shards) - len(todo),
         **total.to_dict(),
     }
-    storage.write_bytes(storage.join(out_uri, MANIFEST), json.dumps(manifest, indent=1).encode(), endpoint_url)
+    storage.write_bytes(storage.join(out_uri, MANIFEST), json.dumps(manifest, indent=1).encode())
     return manifest
 
 
@@ -313,15 +313,15 @@ def _rerun(uri: str) -> str:
             "converts again what is missing or damaged, keeps the intact shards and writes the manifest")
 
 
-def read_manifest(uri: str, endpoint_url: str | None = None) -> dict:
+def read_manifest(uri: str) -> dict:
     """The manifest of a prepared split; a DataError naming the file and the fix when it is absent,
     not valid JSON (truncated) or lacks the fields a split needs."""
     path = storage.join(uri, MANIFEST)
-    if not storage.exists(path, endpoint_url):
+    if not storage.exists(path):
         raise DataError(f"{path} does not exist: prepare the split first with "
                         f"jobs/prepare_data.py --dataset ... --out {uri}")
     try:
-        manifest = json.loads(storage.read_bytes(path, endpoint_url))
+        manifest = json.loads(storage.read_bytes(path))
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise DataError(f"{path} is not valid JSON ({e}): it is truncated or damaged. Fix: {_rerun(uri)}") from None
     if not isinstance(manifest, dict):
@@ -345,10 +345,10 @@ def damaged_shard(uri: str, file: str, err: Exception) -> DataError:
                      f"damaged. Fix: {_rerun(uri)}")
 
 
-def shard_rows(uri: str, file: str, endpoint_url: str | None = None, batch_size: int = 16) -> Iterator[dict]:
+def shard_rows(uri: str, file: str, batch_size: int = 16) -> Iterator[dict]:
     """The undecoded rows of shard ``file`` of the split at ``uri`` (one GET, ``batch_size`` rows decoded
     from Parquet at a time); a DataError naming the shard and the fix when it is truncated or damaged."""
-    data = storage.read_bytes(storage.join(uri, file), endpoint_url)
+    data = storage.read_bytes(storage.join(uri, file))
     try:
         for batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=batch_size):
             yield from batch.to_pylist()
@@ -356,9 +356,9 @@ def shard_rows(uri: str, file: str, endpoint_url: str | None = None, batch_size:
         raise damaged_shard(uri, file, e) from None
 
 
-def _shard_rows_or_none(uri: str, file: str, endpoint_url: str | None) -> int | None:
+def _shard_rows_or_none(uri: str, file: str) -> int | None:
     """Rows a shard's Parquet footer records (a few KB read), None when the footer cannot be read."""
-    fs, path = storage.resolve(storage.join(uri, file), endpoint_url)
+    fs, path = storage.resolve(storage.join(uri, file))
     try:
         with fs.open_input_file(path) as f:
             return pq.ParquetFile(f).metadata.num_rows
@@ -366,13 +366,13 @@ def _shard_rows_or_none(uri: str, file: str, endpoint_url: str | None) -> int | 
         return None
 
 
-def check_shards(uri: str, endpoint_url: str | None = None, manifest: dict | None = None) -> None:
+def check_shards(uri: str, manifest: dict | None = None) -> None:
     """Read every shard's Parquet footer (8 at a time): a DataError naming the first shard that is
     missing, truncated or damaged, or holds another number of rows than the manifest says."""
-    manifest = manifest or read_manifest(uri, endpoint_url)
+    manifest = manifest or read_manifest(uri)
     shards = manifest["shards"]
     with ThreadPoolExecutor(8) as pool:
-        rows = list(pool.map(lambda s: _shard_rows_or_none(uri, s["file"], endpoint_url), shards))
+        rows = list(pool.map(lambda s: _shard_rows_or_none(uri, s["file"]), shards))
     for shard, n in zip(shards, rows):
         if n is None:
             raise DataError(f"{storage.join(uri, shard['file'])} is missing or not a readable Parquet shard: it is "
@@ -382,9 +382,9 @@ def check_shards(uri: str, endpoint_url: str | None = None, manifest: dict | Non
                             f"{shard['num_images']}: it was replaced after the manifest was written. Fix: {_rerun(uri)}")
 
 
-def read_records(uri: str, endpoint_url: str | None = None) -> Iterator[dict]:
+def read_records(uri: str) -> Iterator[dict]:
     """Decoded records of a prepared split, shard by shard (a few rows in memory at a time)."""
-    manifest = read_manifest(uri, endpoint_url)
+    manifest = read_manifest(uri)
     for shard in manifest["shards"]:
-        for row in shard_rows(uri, shard["file"], endpoint_url):
+        for row in shard_rows(uri, shard["file"]):
             yield decode_row(row)

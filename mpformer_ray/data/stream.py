@@ -83,11 +83,11 @@ class Units:
     filesystem: Any = field(default=None, compare=False)
 
     @classmethod
-    def open(cls, uri: str, *, seed: int = 0, shuffle: bool = True, endpoint_url: str | None = None) -> Units:
-        shards = [s for s in read_manifest(uri, endpoint_url)["shards"] if s["num_images"] > 0]
+    def open(cls, uri: str, *, seed: int = 0, shuffle: bool = True) -> Units:
+        shards = [s for s in read_manifest(uri)["shards"] if s["num_images"] > 0]
         if not shards:
             raise DataError(f"{uri}: the manifest lists no images; re-run jobs/prepare_data.py on a non-empty split")
-        fs, root = storage.resolve(uri, endpoint_url)
+        fs, root = storage.resolve(uri)
         return cls(uri, tuple(posixpath.join(root, s["file"]) for s in shards),
                    tuple(s["num_images"] for s in shards), seed, shuffle, fs)
 
@@ -155,7 +155,7 @@ def _decode_augment(items: pa.Table, *, units: Units, data_cfg: DataConfig) -> I
             yield pack(samples, epoch)
 
 
-def build_train_stream(uri: str, cfg: Config, *, start: int, stop: int, endpoint_url: str | None = None):
+def build_train_stream(uri: str, cfg: Config, *, start: int, stop: int):
     """A Ray Dataset of packed training samples: images ``[start, stop)`` of the split's stream (see
     ``Units``; rounded out to whole shards) and one epoch more, because Ray's equal split among
     training workers holds back up to (workers - 1) rows at the end. All epochs are one execution,
@@ -167,7 +167,7 @@ def build_train_stream(uri: str, cfg: Config, *, start: int, stop: int, endpoint
     """
     import ray.data
 
-    units = Units.open(uri, seed=cfg.train.seed, endpoint_url=endpoint_url)
+    units = Units.open(uri, seed=cfg.train.seed)
     work = [{"epoch": e, "shard": shard, "skip": skip} for e, shard, skip in units.work(start, stop + units.num_images)]
     # one block per work item: a task per shard and epoch, and no read tasks (the items are in memory)
     ds = ray.data.from_items(work, override_num_blocks=len(work))

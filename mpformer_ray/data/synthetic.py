@@ -25,6 +25,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
+from mpformer_ray.data.polygons import rasterize
+from mpformer_ray.data.synthetic_hard import HARD_CLASSES, HARD_SOURCE_IDS, generate_hard_scenes
+
 if TYPE_CHECKING:
     from mpformer_ray.config import SyntheticConfig
 
@@ -43,12 +46,6 @@ COCO_SOURCE_IDS: list[int] = [1, 3, 7, 12, 101, 120]
 _THING_COLOURS = np.array([[205, 45, 40], [225, 205, 40], [175, 50, 195], [245, 135, 25]], dtype=np.float32)
 _SKY, _GRASS, _VOID = (110, 160, 235), (55, 145, 60), (128, 128, 128)
 _MIN_VISIBLE = 0.4  # a shape may not hide more than 60% of an earlier shape (stays learnable)
-
-
-def _rasterize(polygons: list[list[float]], height: int, width: int) -> np.ndarray:
-    """Flat [x0, y0, x1, y1, ...] polygons -> bool [H, W] (union), as COCO tools decode them."""
-    rles = mask_util.frPyObjects(polygons, height, width)
-    return mask_util.decode(mask_util.merge(rles)).astype(bool)
 
 
 def _regular_polygon(cx: float, cy: float, radius: float, sides: int, angle: float) -> list[float]:
@@ -70,10 +67,10 @@ def _thing_shape(rng: np.random.Generator, cls: int, height: int, width: int, sc
     elif cls == 2:
         polys = [_regular_polygon(cx, cy, radius * 1.15, 3, angle)]
     else:
-        outer = _rasterize([_regular_polygon(cx, cy, radius, 32, 0.0)], height, width)
-        inner = _rasterize([_regular_polygon(cx, cy, radius * 0.5, 32, 0.0)], height, width)
+        outer = rasterize([_regular_polygon(cx, cy, radius, 32, 0.0)], height, width)
+        inner = rasterize([_regular_polygon(cx, cy, radius * 0.5, 32, 0.0)], height, width)
         return {"mask": outer & ~inner, "polygons": None}
-    return {"mask": _rasterize(polys, height, width), "polygons": polys}
+    return {"mask": rasterize(polys, height, width), "polygons": polys}
 
 
 def _texture(rng: np.random.Generator, cls: int, height: int, width: int) -> np.ndarray:
@@ -200,8 +197,6 @@ def synthetic_variant(variant: str) -> tuple[list[dict], list[int], Callable[...
     if variant == "easy":
         return SYNTHETIC_CLASSES, COCO_SOURCE_IDS, generate_scenes
     if variant in ("medium", "hard"):
-        # imported here: the hard generator builds on this module's rasterizer
-        from mpformer_ray.data.synthetic_hard import HARD_CLASSES, HARD_SOURCE_IDS, generate_hard_scenes
         return HARD_CLASSES, HARD_SOURCE_IDS, functools.partial(generate_hard_scenes, colour_cue=variant == "medium")
     raise ValueError(f"unknown synthetic variant {variant!r}: choose one of {list(VARIANTS)} "
                      "(data.synthetic.variant, or prepare_data.py --variant)")
@@ -261,7 +256,7 @@ def write_coco_layout(root: str | Path, split: str, num: int, size: int, seed: i
         {"info": info, "images": images, "annotations": panoptic, "categories": categories}))
 
 
-def ensure_synthetic(cfg: SyntheticConfig, endpoint_url: str | None = None) -> tuple[str, str]:
+def ensure_synthetic(cfg: SyntheticConfig) -> tuple[str, str]:
     """Generate (once) the synthetic COCO layout under ``cfg.root`` and convert it to panoptic
     records; returns (train_records_uri, val_records_uri). Safe to call from many processes at
     once (a file lock serialises them; later callers reuse the finished records)."""
@@ -281,16 +276,6 @@ def ensure_synthetic(cfg: SyntheticConfig, endpoint_url: str | None = None) -> t
                 write_coco_layout(base / "coco", split, num, cfg.image_size, cfg.seed, cfg.variant)
                 (base / f".layout-{split}-done").write_text("ok")
             convert_coco(str(base / "coco"), split, outs[split], task="panoptic", shard_size=128,
-                         num_workers=1, progress=False, endpoint_url=endpoint_url)
+                         num_workers=1, progress=False)
     return outs["train"], outs["val"]
 
-
-def __getattr__(name: str):
-    # The ADE20K / Cityscapes writers live beside their converters; import lazily (no cycle).
-    if name == "write_ade20k_layout":
-        from mpformer_ray.data.ade20k import write_ade20k_layout
-        return write_ade20k_layout
-    if name == "write_cityscapes_layout":
-        from mpformer_ray.data.cityscapes import write_cityscapes_layout
-        return write_cityscapes_layout
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from mpformer_ray.data.synthetic import _rasterize
+from mpformer_ray.data.polygons import rasterize
 
 # (name, shape, texture); textures are shared between classes and with the stuff below.
 _THINGS: list[tuple[str, str, str]] = [
@@ -153,11 +153,11 @@ def _draw_shape(rng: np.random.Generator, shape: str, height: int, width: int,
             centre = rng.uniform(radius * 0.5, (width - radius * 0.5, height - radius * 0.5))
         cx, cy = centre
         if shape == "ring":  # a polygon with a hole: only an RLE describes it
-            outer, inner = (_rasterize([_place(_ngon(r, 32), cx, cy, 0.0)], height, width)
+            outer, inner = (rasterize([_place(_ngon(r, 32), cx, cy, 0.0)], height, width)
                             for r in (radius, radius * 0.55))
             return {"mask": outer & ~inner, "polygons": None}
         polys = [_place(_outline(shape, radius), cx, cy, angle)]
-    return {"mask": _rasterize(polys, height, width), "polygons": polys}
+    return {"mask": rasterize(polys, height, width), "polygons": polys}
 
 
 def _smooth_field(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, period: float) -> np.ndarray:

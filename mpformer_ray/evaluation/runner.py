@@ -24,10 +24,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mpformer_ray import storage
 from mpformer_ray.amp import resolve_amp
 from mpformer_ray.config import Config
-from mpformer_ray.data.records import decode_row, read_manifest, shard_rows
+from mpformer_ray.data.records import DataError, decode_row, read_manifest, shard_rows
 from mpformer_ray.data.transforms import eval_transform, normalize
 from mpformer_ray.evaluation.consistency import MaskConsistency
 from mpformer_ray.evaluation.evaluator import Evaluator
@@ -40,17 +39,16 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY = 50  # images between progress lines (rank 0)
 
 
-def shard_records(uri: str, rank: int, world_size: int, max_images: int = 0,
-                  endpoint_url: str | None = None) -> Iterator[dict]:
+def shard_records(uri: str, rank: int, world_size: int, max_images: int = 0) -> Iterator[dict]:
     """Decoded records ``rank, rank + world_size, ...`` of the split's first ``max_images``
     (all when 0). Rows other ranks take are skipped before decoding, so each image is decoded
     by one rank only."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, world_size={world_size}); got {rank}")
-    manifest = read_manifest(uri, endpoint_url)
+    manifest = read_manifest(uri)
     index = 0
     for shard in manifest["shards"]:
-        for row in shard_rows(uri, shard["file"], endpoint_url):
+        for row in shard_rows(uri, shard["file"]):
             if 0 < max_images <= index:
                 return
             if index % world_size == rank:
@@ -164,7 +162,6 @@ def evaluate_model(
     rank: int = 0,
     world_size: int = 1,
     max_images: int = 0,
-    endpoint_url: str | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on the prepared split at ``val_uri``.
 
@@ -186,10 +183,9 @@ def evaluate_model(
     """
     core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     device = torch.device(device)
-    endpoint = storage.endpoint_for(endpoint_url or cfg.storage.endpoint_url)
-    manifest = read_manifest(val_uri, endpoint)
+    manifest = read_manifest(val_uri)
     if [c["name"] for c in manifest["classes"]] != [c["name"] for c in classes]:
-        raise ValueError(f"{val_uri}: its classes {[c['name'] for c in manifest['classes']]} differ from the "
+        raise DataError(f"{val_uri}: its classes {[c['name'] for c in manifest['classes']]} differ from the "
                          f"model's {[c['name'] for c in classes]}; evaluate on a split of the dataset it was "
                          "trained on")
     evaluator = Evaluator(classes, set(tasks_for(manifest.get("task"), cfg.model.test, val_uri)))
@@ -200,7 +196,7 @@ def evaluate_model(
     core.eval()
     start = time.perf_counter()
     try:
-        images = shard_records(val_uri, rank, world_size, max_images, endpoint)
+        images = shard_records(val_uri, rank, world_size, max_images)
         _process(core, images, cfg, device, evaluator, consistency, _Progress(rank, world_size, total, start))
     finally:
         core.train(was_training)

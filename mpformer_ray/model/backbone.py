@@ -2,7 +2,8 @@
 
 Every backbone maps ``images [B, 3, H, W]`` to a dict ``{"res2": [B, C2, H/4, W/4], "res3": [B, C3, H/8, W/8],
 "res4": [B, C4, H/16, W/16], "res5": [B, C5, H/32, W/32]}`` (channels-last strides) and declares
-``out_channels`` (name -> channels).
+``out_channels`` (name -> channels). ``model.backbone`` accepts the names in ``BACKBONES`` (name -> builder),
+``model.backbone_norm`` those in ``NORMS``.
 Networks come from torchvision constructors with ``weights=None``; pretrained weights are only ever read
 from the path / URI in ``model.pretrained`` (a torchvision-format state dict), never downloaded.
 """
@@ -14,15 +15,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from mpformer_ray import storage
-from mpformer_ray.config import ModelConfig
+from mpformer_ray.config import ModelConfig, registered
 
-_RESNETS = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50,
-            "resnet101": torchvision.models.resnet101}
 # (embed_dim, depths, num_heads, stochastic depth) of torchvision's swin_t / swin_s / swin_b, built here so that
 # the window size can differ from their 7
 _SWINS = {"swin_t": (96, [2, 2, 6, 2], [3, 6, 12, 24], 0.2), "swin_s": (96, [2, 2, 18, 2], [3, 6, 12, 24], 0.3),
@@ -50,13 +47,27 @@ def group_norm(channels: int, max_groups: int = 32) -> GroupNorm32:
     return GroupNorm32(groups, channels)
 
 
+def frozen_batch_norm(channels: int) -> nn.Module:
+    # torchvision (about 2.5 s to import) is imported where a network is built: every config check reads the
+    # names of NORMS and BACKBONES, in each job's driver and each sweep trial
+    from torchvision.ops import FrozenBatchNorm2d
+
+    return FrozenBatchNorm2d(channels)
+
+
+# model.backbone_norm -> a ResNet's norm layer (channels -> module); the config's choices read this dict
+NORMS: dict[str, Callable[[int], nn.Module]] = {"frozen": frozen_batch_norm, "group": group_norm}
+
+
 class ResNetBackbone(nn.Module):
     """A torchvision ResNet without avgpool / fc; attribute names match torchvision's state dict."""
 
     def __init__(self, name: str, norm: str, stride_in_1x1: bool = False):
         super().__init__()
-        norm_layer: Callable[[int], nn.Module] = FrozenBatchNorm2d if norm == "frozen" else group_norm
-        net = _RESNETS[name](weights=None, norm_layer=norm_layer)
+        import torchvision  # see frozen_batch_norm
+
+        build = getattr(torchvision.models, name)  # a BACKBONES name: resnet18 / resnet50 / resnet101
+        net = build(weights=None, norm_layer=registered(NORMS, norm, "model.backbone_norm"))
         if stride_in_1x1:
             for layer in (net.layer2, net.layer3, net.layer4):
                 block = layer[0]
@@ -106,6 +117,8 @@ class SwinBackbone(nn.Module):
 
     def __init__(self, name: str, window: int = 7):
         super().__init__()
+        import torchvision  # see frozen_batch_norm
+
         embed_dim, depths, num_heads, drop_path = _SWINS[name]
         net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=embed_dim, depths=depths,
                                                  num_heads=num_heads, window_size=[window, window],
@@ -155,18 +168,25 @@ def load_pretrained(backbone: ResNetBackbone | SwinBackbone, uri: str) -> None:
         )
 
 
+def build_resnet(cfg: ModelConfig) -> ResNetBackbone:
+    if cfg.pretrained and cfg.backbone_norm != "frozen":
+        raise ValueError(f"model.pretrained={cfg.pretrained} holds BatchNorm statistics; set "
+                         "model.backbone_norm=frozen to load it (group norm is for training from scratch)")
+    return ResNetBackbone(cfg.backbone, cfg.backbone_norm, cfg.resnet_stride_in_1x1)
+
+
+def build_swin(cfg: ModelConfig) -> SwinBackbone:
+    return SwinBackbone(cfg.backbone, cfg.swin_window)
+
+
+# model.backbone -> its builder (ModelConfig -> module); the config's choices read this dict
+BACKBONES: dict[str, Callable[[ModelConfig], ResNetBackbone | SwinBackbone]] = {
+    **dict.fromkeys(("resnet18", "resnet50", "resnet101"), build_resnet), **dict.fromkeys(_SWINS, build_swin)}
+
+
 def build_backbone(cfg: ModelConfig) -> ResNetBackbone | SwinBackbone:
     """The backbone named by ``cfg.backbone`` (``out_channels`` tells the pixel decoder its inputs)."""
-    if cfg.backbone in _RESNETS:
-        if cfg.pretrained and cfg.backbone_norm != "frozen":
-            raise ValueError(f"model.pretrained={cfg.pretrained} holds BatchNorm statistics; set "
-                             "model.backbone_norm=frozen to load it (group norm is for training from scratch)")
-        backbone: ResNetBackbone | SwinBackbone = ResNetBackbone(cfg.backbone, cfg.backbone_norm,
-                                                                 cfg.resnet_stride_in_1x1)
-    elif cfg.backbone in _SWINS:
-        backbone = SwinBackbone(cfg.backbone, cfg.swin_window)
-    else:
-        raise ValueError(f"model.backbone={cfg.backbone!r} is not one of {[*_RESNETS, *_SWINS]}")
+    backbone = registered(BACKBONES, cfg.backbone, "model.backbone")(cfg)
     if cfg.pretrained:
         load_pretrained(backbone, cfg.pretrained)
         if isinstance(backbone, ResNetBackbone):

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mpformer_ray.config import ModelConfig
 from mpformer_ray.model.matcher import HungarianMatcher
 from mpformer_ray.model.point_sampling import point_sample, uncertain_point_coords
 from mpformer_ray.model.transfer import to_device
@@ -81,7 +82,7 @@ def total_loss(losses: dict[str, Tensor]) -> Tensor:
 class SetCriterion(nn.Module):
     """Weighted Mask2Former + pilot losses for the decoder outputs of one batch."""
 
-    def __init__(self, num_classes: int, matcher: HungarianMatcher, class_weight: float, mask_weight: float,
+    def __init__(self, *, num_classes: int, matcher: HungarianMatcher, class_weight: float, mask_weight: float,
                  dice_weight: float, no_object_weight: float, num_points: int, oversample_ratio: float,
                  importance_sample_ratio: float, pilot_class_loss: bool = True):
         super().__init__()
@@ -95,6 +96,15 @@ class SetCriterion(nn.Module):
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = no_object_weight
         self.register_buffer("empty_weight", empty_weight)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> SetCriterion:
+        """The losses of ``cfg`` with its matcher (``HungarianMatcher.from_config``)."""
+        return cls(num_classes=cfg.num_classes, matcher=HungarianMatcher.from_config(cfg),
+                   class_weight=cfg.class_weight, mask_weight=cfg.mask_weight, dice_weight=cfg.dice_weight,
+                   no_object_weight=cfg.no_object_weight, num_points=cfg.train_num_points,
+                   oversample_ratio=cfg.oversample_ratio, importance_sample_ratio=cfg.importance_sample_ratio,
+                   pilot_class_loss=cfg.pilot.class_loss)
 
     def forward(self, outputs: DecoderOutput, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """outputs: the decoder's (pilot slots supervised when ``outputs.pilot`` is set); targets: B dicts

@@ -14,6 +14,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from mpformer_ray.config import ModelConfig
 from mpformer_ray.model.point_sampling import point_sample
 
 
@@ -41,7 +42,7 @@ Pairs = tuple[Tensor, Tensor]
 class HungarianMatcher(nn.Module):
     """Optimal one-to-one assignment of queries to segments, per prediction and image."""
 
-    def __init__(self, class_weight: float, mask_weight: float, dice_weight: float, num_points: int):
+    def __init__(self, *, class_weight: float, mask_weight: float, dice_weight: float, num_points: int):
         super().__init__()
         if class_weight == 0 and mask_weight == 0 and dice_weight == 0:
             raise ValueError("HungarianMatcher: all cost weights are 0 "
@@ -50,6 +51,12 @@ class HungarianMatcher(nn.Module):
         self.mask_weight = mask_weight
         self.dice_weight = dice_weight
         self.num_points = num_points
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> HungarianMatcher:
+        """Mask2Former's matcher: the loss weights as cost weights, ``train_num_points`` points per image."""
+        return cls(class_weight=cfg.class_weight, mask_weight=cfg.mask_weight, dice_weight=cfg.dice_weight,
+                   num_points=cfg.train_num_points)
 
     def forward(self, logits: Tensor, masks: Tensor, targets: list[dict[str, Tensor]]) -> list[Pairs]:
         """One prediction: class logits [B, Q, K+1], mask logits [B, Q, h, w]; targets: B dicts

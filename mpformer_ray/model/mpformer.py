@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpformer_ray.config import Config, ModelConfig, piloted_layers
+from mpformer_ray.config import Config, ModelConfig
 from mpformer_ray.model.backbone import build_backbone
 from mpformer_ray.model.criterion import SetCriterion
-from mpformer_ray.model.matcher import HungarianMatcher
 from mpformer_ray.model.pilot import PilotQueries
 from mpformer_ray.model.pixel_decoder import MSDeformAttnPixelDecoder
 from mpformer_ray.model.postprocess import (compact_inference, instance_inference, panoptic_inference, resize_masks,
@@ -34,13 +33,8 @@ class MPFormer(nn.Module):
         self.backbone = build_backbone(cfg)
         self.pixel_decoder = MSDeformAttnPixelDecoder(cfg, self.backbone.out_channels)
         self.predictor = MultiScaleMaskedTransformerDecoder(cfg, in_channels=cfg.hidden_dim)
-        p = cfg.pilot
-        self.pilot = (PilotQueries(cfg.num_classes, cfg.hidden_dim, p.groups, p.mask_noise, p.noise_ratio,
-                                   p.label_noise, piloted_layers(cfg)) if p.enabled else None)
-        matcher = HungarianMatcher(cfg.class_weight, cfg.mask_weight, cfg.dice_weight, cfg.train_num_points)
-        self.criterion = SetCriterion(
-            cfg.num_classes, matcher, cfg.class_weight, cfg.mask_weight, cfg.dice_weight, cfg.no_object_weight,
-            cfg.train_num_points, cfg.oversample_ratio, cfg.importance_sample_ratio, pilot_class_loss=p.class_loss)
+        self.pilot = PilotQueries.from_config(cfg) if cfg.pilot.enabled else None
+        self.criterion = SetCriterion.from_config(cfg)
         things = range(cfg.num_classes) if cfg.thing_classes is None else cfg.thing_classes
         self.thing_ids = set(things)
 

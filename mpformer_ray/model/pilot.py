@@ -13,6 +13,8 @@ noised by ``mask_noise``:
 - ``scale``: rescale about the box centre by a factor drawn from [1 - noise_ratio, 1 + noise_ratio].
 
 Shift and scale are drawn once per forward at the input resolution. Every group draws its own noise.
+The kinds are the registry ``MASK_NOISE`` (name -> :class:`MaskNoise`): ``model.pilot.mask_noise`` accepts its
+names, and a kind added there is one more choice for the config, the sweeps and ``PilotQueries``.
 
 Batch layout of the decoder's queries: ``[matching Q | group 0 (n_max slots) | group 1 | ...]`` where
 n_max is the batch's largest segment count; slots past an image's own count are padding. As in the released
@@ -22,18 +24,17 @@ self-attention like real slots, and are trained towards "no object" by the pilot
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mpformer_ray.config import ModelConfig, piloted_layers, registered
 from mpformer_ray.model.transfer import to_device
 
-NoiseKind = Literal["none", "point", "shift", "scale"]
-NOISE_KINDS = ("none", "point", "shift", "scale")
 MIN_SCALE = 0.05  # scale noise with noise_ratio >= 1 could draw factors <= 0
 
 
@@ -71,29 +72,67 @@ def box_of(masks: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return (x0 + x1) / 2, (y0 + y1) / 2, width, height
 
 
-def affine_noise(masks: Tensor, kind: NoiseKind, ratio: float) -> Tensor:
-    """Shift or scale every bool mask [N, H, W] by its own random amount (see the module docstring)."""
+def warp(masks: Tensor, theta: Tensor) -> Tensor:
+    """bool masks [N, H, W] -> bool [N, H, W] whose pixel p is the input's (nearest) at theta [N, 2, 3] @ p, in
+    grid_sample's align_corners=False normalised coordinates."""
     n, h, w = masks.shape
-    if n == 0 or ratio <= 0:
-        return masks
-    cx, cy, bw, bh = box_of(masks)
-    theta = torch.zeros(n, 2, 3, device=masks.device)
-    # grid_sample reads output pixel p from input point theta @ p, in align_corners=False normalised coords
-    if kind == "shift":
-        tx = (torch.rand(n, device=masks.device) * 2 - 1) * ratio * bw
-        ty = (torch.rand(n, device=masks.device) * 2 - 1) * ratio * bh
-        theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-        theta[:, 0, 2] = -2 * tx / w
-        theta[:, 1, 2] = -2 * ty / h
-    else:
-        factor = (1 + (torch.rand(n, device=masks.device) * 2 - 1) * ratio).clamp(min=MIN_SCALE)
-        cx_n, cy_n = (2 * cx + 1) / w - 1, (2 * cy + 1) / h - 1
-        theta[:, 0, 0] = theta[:, 1, 1] = 1 / factor
-        theta[:, 0, 2] = cx_n * (1 - 1 / factor)
-        theta[:, 1, 2] = cy_n * (1 - 1 / factor)
     grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
     moved = F.grid_sample(masks[:, None].to(torch.float32), grid, mode="nearest", align_corners=False)
     return moved[:, 0] > 0.5
+
+
+def shift_noise(masks: Tensor, ratio: float) -> Tensor:
+    """Translate every bool mask [N, H, W] by its own draw of up to ``ratio`` x its box size in x and y."""
+    n, h, w = masks.shape
+    if n == 0 or ratio <= 0:
+        return masks
+    _, _, bw, bh = box_of(masks)
+    tx = (torch.rand(n, device=masks.device) * 2 - 1) * ratio * bw
+    ty = (torch.rand(n, device=masks.device) * 2 - 1) * ratio * bh
+    theta = torch.zeros(n, 2, 3, device=masks.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = -2 * tx / w
+    theta[:, 1, 2] = -2 * ty / h
+    return warp(masks, theta)
+
+
+def scale_noise(masks: Tensor, ratio: float) -> Tensor:
+    """Rescale every bool mask [N, H, W] about its box centre by its own factor drawn from
+    [1 - ratio, 1 + ratio] (at least MIN_SCALE)."""
+    n, h, w = masks.shape
+    if n == 0 or ratio <= 0:
+        return masks
+    cx, cy, _, _ = box_of(masks)
+    factor = (1 + (torch.rand(n, device=masks.device) * 2 - 1) * ratio).clamp(min=MIN_SCALE)
+    cx_n, cy_n = (2 * cx + 1) / w - 1, (2 * cy + 1) / h - 1
+    theta = torch.zeros(n, 2, 3, device=masks.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / factor
+    theta[:, 0, 2] = cx_n * (1 - 1 / factor)
+    theta[:, 1, 2] = cy_n * (1 - 1 / factor)
+    return warp(masks, theta)
+
+
+def unchanged(masks: Tensor, ratio: float) -> Tensor:
+    return masks
+
+
+@dataclass(frozen=True)
+class MaskNoise:
+    """One mask-noise kind as two steps, each ``(bool masks, noise_ratio) -> bool masks`` of the same shape:
+    ``source`` noises the ground-truth masks [N, H, W] at input resolution, once per forward and group;
+    ``layer`` noises the masks resized to a piloted layer's feature size [B, P, h, w], at every such layer."""
+
+    source: Callable[[Tensor, float], Tensor] = unchanged
+    layer: Callable[[Tensor, float], Tensor] = unchanged
+
+
+# model.pilot.mask_noise -> its noise: the config's choices (so the sweeps' too) and PilotQueries read this dict
+MASK_NOISE: dict[str, MaskNoise] = {
+    "none": MaskNoise(),
+    "point": MaskNoise(layer=point_noise),
+    "shift": MaskNoise(source=shift_noise),
+    "scale": MaskNoise(source=scale_noise),
+}
 
 
 def self_attention_mask(batch: int, num_queries: int, groups: int, n_max: int, device: torch.device | str
@@ -130,7 +169,7 @@ class PilotBatch:
     masks: Tensor
     groups: int
     piloted_layers: int
-    mask_noise: NoiseKind
+    noise: MaskNoise
     noise_ratio: float
     _resized: dict[tuple[int, int], Tensor] = field(default_factory=dict, repr=False)
 
@@ -148,31 +187,29 @@ class PilotBatch:
             n_max = self.num_slots // self.groups
             chunks = self.masks.split(n_max, dim=1) if n_max else [self.masks]
             self._resized[size] = torch.cat([area_resize(c, size) for c in chunks], dim=1)
-        masks = self._resized[size]
-        if self.mask_noise == "point":
-            masks = point_noise(masks, self.noise_ratio)
-        return masks.flatten(2)
+        return self.noise.layer(self._resized[size], self.noise_ratio).flatten(2)
 
 
 class PilotQueries(nn.Module):
     """Builds a :class:`PilotBatch` from a batch's targets (training only; owns the label embedding)."""
 
-    def __init__(self, num_classes: int, hidden_dim: int, groups: int, mask_noise: NoiseKind, noise_ratio: float,
+    def __init__(self, *, num_classes: int, hidden_dim: int, groups: int, mask_noise: str, noise_ratio: float,
                  label_noise: float, piloted_layers: int):
         super().__init__()
-        if mask_noise not in NOISE_KINDS:
-            raise ValueError(f"model.pilot.mask_noise={mask_noise!r} is not one of {list(NOISE_KINDS)}")
-        if groups < 1:
-            raise ValueError(f"model.pilot.groups must be >= 1, got {groups}")
-        if not 0.0 <= label_noise <= 1.0:
-            raise ValueError(f"model.pilot.label_noise must lie in [0, 1], got {label_noise}")
         self.num_classes = num_classes
         self.groups = groups
-        self.mask_noise: NoiseKind = mask_noise
+        self.noise = registered(MASK_NOISE, mask_noise, "model.pilot.mask_noise")
         self.noise_ratio = noise_ratio
         self.label_noise = label_noise
         self.piloted_layers = piloted_layers
         self.label_embed = nn.Embedding(num_classes, hidden_dim)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> PilotQueries:
+        """The pilot of ``cfg.pilot`` (checked by ``config.validate``) for ``cfg``'s classes and decoder."""
+        p = cfg.pilot
+        return cls(num_classes=cfg.num_classes, hidden_dim=cfg.hidden_dim, groups=p.groups, mask_noise=p.mask_noise,
+                   noise_ratio=p.noise_ratio, label_noise=p.label_noise, piloted_layers=piloted_layers(cfg))
 
     def noisy_labels(self, labels: Tensor) -> Tensor:
         """Replace each label by a uniformly random class with probability ``label_noise``."""
@@ -203,11 +240,7 @@ class PilotQueries(nn.Module):
         labels = labels.repeat(1, g)
 
         content = self.label_embed(self.noisy_labels(labels)) * valid[..., None]
-        if self.mask_noise in ("shift", "scale"):
-            masks = torch.cat([affine_noise(gt.flatten(0, 1), self.mask_noise, self.noise_ratio).view_as(gt)
-                               for _ in range(g)], dim=1)
-        else:
-            masks = gt.repeat(1, g, 1, 1)
+        masks = torch.cat([self.noise.source(gt.flatten(0, 1), self.noise_ratio).view_as(gt) for _ in range(g)], dim=1)
         return PilotBatch(
             content=content,
             labels=labels,
@@ -217,6 +250,6 @@ class PilotQueries(nn.Module):
             masks=masks,
             groups=g,
             piloted_layers=self.piloted_layers,
-            mask_noise=self.mask_noise,
+            noise=self.noise,
             noise_ratio=self.noise_ratio,
         )

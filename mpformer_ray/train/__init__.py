@@ -1,6 +1,7 @@
 """Distributed training: the plain loop, optimizer / schedule, checkpoints and Ray Train wiring."""
 
 from mpformer_ray.train.checkpoint import (
+    Checkpoint,
     CheckpointStore,
     latest_checkpoint,
     load_checkpoint,
@@ -22,7 +23,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "CheckpointStore", "PreflightError", "TrainPlan", "build_optimizer", "build_scheduler", "build_trainer",
+    "Checkpoint", "CheckpointStore", "PreflightError", "TrainPlan", "build_optimizer", "build_scheduler", "build_trainer",
     "latest_checkpoint", "load_checkpoint", "load_model", "param_groups", "poly_warmup_factor", "preflight",
     "run_training", "run_uri", "save_checkpoint", "train_loop",
 ]

@@ -33,8 +33,8 @@ _NOT_CURVES = {"iteration", "epoch", "eta_s", "num_images"}
 class EventLog:
     """TensorBoard scalars of one training attempt, synced to ``{run_uri}/tensorboard/``."""
 
-    def __init__(self, run_uri: str, endpoint_url: str | None = None) -> None:
-        self.uri, self.endpoint_url = storage.join(run_uri, DIRNAME), endpoint_url
+    def __init__(self, run_uri: str) -> None:
+        self.uri = storage.join(run_uri, DIRNAME)
         self.local = Path(tempfile.mkdtemp(prefix="mpformer-tensorboard-"))
         # events.out.tfevents.<seconds>.<host>.<unique>: attempts within one second stay apart
         self.writer = EventsWriter(os.path.join(self.local, "events"), f".{uuid.uuid4().hex[:8]}")
@@ -50,7 +50,7 @@ class EventLog:
         """Copy the event files, as written so far, to the run directory."""
         self.writer.flush()
         for path in sorted(self.local.iterdir()):
-            storage.write_bytes(storage.join(self.uri, path.name), path.read_bytes(), self.endpoint_url)
+            storage.write_bytes(storage.join(self.uri, path.name), path.read_bytes())
 
     def close(self) -> None:
         try:

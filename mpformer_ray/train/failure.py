@@ -18,9 +18,16 @@ from mpformer_ray.train.checkpoint import CheckpointError
 
 NOT_RETRYABLE = (ConfigError, DataError, CheckpointError, FloatingPointError)
 
+# the test harness's fault injection, not a config field: "ITER" or "ITER,seed=S". Rank 0 of a run (of the
+# runs with train.seed S) dies once at iteration ITER (train.loop), to exercise recovery; init_ray passes it on
+FAULT_ENV = "MPFORMER_FAULT_AT_ITER"
+
 
 class RunFailed(RuntimeError):
-    """A worker failed in a way no restart can fix; the message is the worker's error."""
+    """A worker failed in a way no restart can fix; the message is the worker's error.
+
+    Not a ``UserError``: it reaches the driver only inside Ray Train's ``TrainingFailedError``, a failed
+    run (status 1, with the latest checkpoint), and its cause may be a diverged loss rather than input."""
 
 
 def worker_error(error: BaseException) -> BaseException:

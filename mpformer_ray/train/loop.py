@@ -23,8 +23,9 @@ from mpformer_ray.amp import resolve_amp
 from mpformer_ray.config import Config, ConfigError
 from mpformer_ray.log import format_eta
 from mpformer_ray.model.criterion import total_loss
-from mpformer_ray.train.checkpoint import CheckpointStore, images_done, initial_weights, load_checkpoint
+from mpformer_ray.train.checkpoint import Checkpoint, CheckpointStore, images_done, initial_weights, load_checkpoint
 from mpformer_ray.train.events import EventLog
+from mpformer_ray.train.failure import FAULT_ENV
 from mpformer_ray.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -54,15 +55,22 @@ def fault_marker(run_uri: str, iteration: int) -> str:
     return storage.join(run_uri, f"fault_injected_at_{iteration}")
 
 
+def _fault_iteration(cfg: Config) -> int | None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    at, _, seed = spec.partition(",seed=")
+    return int(at) if not seed or int(seed) == cfg.train.seed else None
+
+
 def _maybe_inject_fault(cfg: Config, store: CheckpointStore, iteration: int, rank: int) -> None:
-    """``train.fail_at_iter``: rank 0 dies once (marked in storage) to exercise recovery."""
-    if rank != 0 or iteration != cfg.train.fail_at_iter:
+    if rank != 0 or iteration != _fault_iteration(cfg):
         return
     marker = fault_marker(store.run_uri, iteration)
-    if storage.exists(marker, store.endpoint_url):
+    if storage.exists(marker):
         return
-    storage.write_bytes(marker, b"1", store.endpoint_url)
-    log.warning("train.fail_at_iter=%d: killing this worker (fault injection)", iteration)
+    storage.write_bytes(marker, b"1")
+    log.warning("%s=%s: killing this worker (fault injection)", FAULT_ENV, os.environ[FAULT_ENV])
     logging.shutdown()
     os._exit(1)
 
@@ -136,13 +144,14 @@ class _Optimization:
         self.scheduler.step()
         return losses
 
-    def load(self, ckpt: dict) -> None:
-        self.core.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+    def load(self, ckpt: Checkpoint) -> None:
+        self.core.load_state_dict(ckpt.model)
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        self.scheduler.load_state_dict(ckpt.scheduler)
+        self.scaler.load_state_dict(ckpt.scaler)
 
     def state(self) -> dict:
+        """The Checkpoint fields this holds."""
         return {"model": self.core.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
 
@@ -163,16 +172,16 @@ def _start(opt: _Optimization, cfg: Config, store: CheckpointStore, resume_from:
     """Load ``resume_from`` (everything) or ``model.weights`` (the model only) and say where training starts."""
     progress = _Progress()
     if resume_from:
-        ckpt = load_checkpoint(resume_from, store.endpoint_url)
+        ckpt = load_checkpoint(resume_from)
         opt.load(ckpt)
-        progress = _Progress(ckpt["iteration"], images_done(ckpt, cfg), ckpt["best"], list(ckpt["starts"]),
-                             dict(ckpt["metrics"]))
+        progress = _Progress(ckpt.iteration, images_done(ckpt.data, ckpt.iteration, cfg), ckpt.best,
+                             list(ckpt.starts), dict(ckpt.metrics))
         if rank == 0:
             log.info("resuming from %s at iteration %d (image %d of the data stream)", resume_from,
                      progress.start, progress.images)
     elif cfg.model.weights:
         # a new run starting from given weights (e.g. converted Mask2Former ones); a resumed run has its own
-        opt.core.load_state_dict(initial_weights(cfg, store.endpoint_url), strict=False)
+        opt.core.load_state_dict(initial_weights(cfg), strict=False)
         if rank == 0:
             log.info("starting from the weights of %s", cfg.model.weights)
     progress.starts.append(progress.start)
@@ -252,7 +261,7 @@ def train_loop(
         return progress.metrics
 
     # rank 0's curves for TensorBoard, copied beside the checkpoints (also when training stops early)
-    events = EventLog(store.run_uri, store.endpoint_url) if rank == 0 else None
+    events = EventLog(store.run_uri) if rank == 0 else None
     try:
         images_per_iter = t.batch_size * world_size
         batches = iter(stream(progress.images))
@@ -298,10 +307,10 @@ def train_loop(
 
             # checkpoint after every evaluation too, so the best-by-metric model is always on storage
             if rank == 0 and (done % t.checkpoint_period == 0 or evaluating or done == t.max_iters):
-                state = {**opt.state(), "metrics": {"iteration": done, **metrics}, "iteration": done,
-                         "config": cfg.to_dict(), "data": {"epoch": epoch, "images": progress.images},
-                         "classes": classes, "best": progress.best, "starts": progress.starts}
-                log.info("saved checkpoint %s", store.save(state, is_best=is_best))
+                ckpt = Checkpoint(**opt.state(), iteration=done, metrics={"iteration": done, **metrics},
+                                  config=cfg.to_dict(), data={"epoch": epoch, "images": progress.images},
+                                  classes=classes, best=progress.best, starts=progress.starts)
+                log.info("saved checkpoint %s", store.save(ckpt, is_best=is_best))
                 if events:
                     events.sync()
             if metrics:

@@ -23,9 +23,10 @@ import ray.train.torch  # noqa: E402
 import torch  # noqa: E402
 
 from mpformer_ray import storage  # noqa: E402
-from mpformer_ray.config import Config, config_from_dict  # noqa: E402
+from mpformer_ray.config import Config  # noqa: E402
 from mpformer_ray.log import setup_logging  # noqa: E402
 from mpformer_ray.data.records import DataError, check_shards, read_manifest  # noqa: E402
+from mpformer_ray.errors import UserError  # noqa: E402
 from mpformer_ray.tasks import main_metric, main_task, tasks_for  # noqa: E402
 from mpformer_ray.train.checkpoint import (  # noqa: E402
     images_done,
@@ -36,22 +37,21 @@ from mpformer_ray.train.checkpoint import (  # noqa: E402
     run_uri,
 )
 from mpformer_ray.train.cluster import current_cluster, findings, worker_bundle  # noqa: E402
-from mpformer_ray.train.failure import FailFast  # noqa: E402
+from mpformer_ray.train.failure import FAULT_ENV, FailFast  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
-class PreflightError(ValueError):
+class PreflightError(UserError, ValueError):
     """The run cannot start; the message names the config field or URI and the fix."""
 
 
 @dataclass
 class TrainPlan:
-    """Everything the workers need, checked on the driver before any worker starts."""
+    """Everything the workers need, checked on the driver before any worker starts; handed to them whole."""
 
     cfg: Config  # local URIs absolute, data.train / data.val resolved, model.thing_classes filled
     run_uri: str
-    endpoint_url: str | None
     classes: list[dict]
     tasks: list[str]  # mpformer_ray.tasks.tasks_for the training split and model.test
     resume_from: str | None = None  # the checkpoint the workers start from, checked on the driver
@@ -63,24 +63,6 @@ class TrainPlan:
     def main_metric(self) -> str:
         """What ranks this run's checkpoints (and a sweep's trials): ``mpformer_ray.tasks.main_metric``."""
         return main_metric(self.tasks)
-
-
-def _check_train_fields(cfg: Config) -> None:
-    t = cfg.train
-    problems = [f"train.{name} must be >= 1; got {getattr(t, name)}"
-                for name in ("log_period", "checkpoint_period", "keep_checkpoints") if getattr(t, name) < 1]
-    problems += [f"train.{name} must be >= 0; got {getattr(t, name)}"
-                 for name in ("eval_period", "eval_max_images", "max_failures", "warmup_iters") if getattr(t, name) < 0]
-    if t.cpus_per_worker <= 0:
-        problems.append(f"train.cpus_per_worker must be > 0; got {t.cpus_per_worker}")
-    problems += [f"train.worker_resources.{name} must be > 0; got {amount:g}"
-                 for name, amount in t.worker_resources.items() if amount <= 0]
-    problems += [f"train.worker_resources.{name}: set it through train.{instead}"
-                 for name, instead in (("CPU", "cpus_per_worker"), ("GPU", "use_gpu")) if name in t.worker_resources]
-    if t.amp == "fp16" and not t.use_gpu:
-        problems.append("train.amp=fp16 needs a GPU (train.use_gpu=true); use train.amp=off or bf16 on CPU")
-    if problems:
-        raise PreflightError("invalid training config:\n  " + "\n  ".join(problems))
 
 
 def _run_tasks(cfg: Config, train: dict, val: dict | None) -> list[str]:
@@ -101,24 +83,23 @@ def _run_tasks(cfg: Config, train: dict, val: dict | None) -> list[str]:
     return tasks
 
 
-def _manifest(uri: str, field: str, endpoint_url: str | None) -> dict:
+def _manifest(uri: str, field: str) -> dict:
     """The split's manifest, once every shard it lists has a readable Parquet footer."""
     try:
-        manifest = read_manifest(uri, endpoint_url)
-        check_shards(uri, endpoint_url, manifest)
+        manifest = read_manifest(uri)
+        check_shards(uri, manifest)
         return manifest
     except (DataError, storage.StorageError) as e:
         raise PreflightError(f"{field}={uri!r} cannot be read: {e}") from None
 
 
-def preflight(cfg: Config) -> TrainPlan:
-    """Check config, storage and datasets before any worker starts; generate the synthetic
-    dataset when ``data.train`` is empty. Raises PreflightError naming the field / URI and fix."""
+def _resolve_config(cfg: Config) -> Config:
+    """A copy of ``cfg`` as the workers get it: this process's storage options set from it, the synthetic
+    dataset generated when ``data.train`` is empty, local URIs absolute."""
     from mpformer_ray.data.synthetic import ensure_synthetic
 
     cfg = copy.deepcopy(cfg)
-    _check_train_fields(cfg)
-    endpoint = storage.endpoint_for(cfg.storage.endpoint_url)
+    storage.configure(cfg.storage)
     if not cfg.data.train:
         train_uri, val_uri = ensure_synthetic(cfg.data.synthetic)
         cfg.data.train, cfg.data.val = train_uri, cfg.data.val or val_uri
@@ -130,23 +111,30 @@ def preflight(cfg: Config) -> TrainPlan:
         log.warning("storage.uri=%s lies inside this Ray job's copy of --working-dir, which Ray deletes "
                     "when the job's files are garbage-collected: checkpoints there will be lost. Fix: set "
                     "storage.uri to an s3:// URI or an absolute path outside it", cfg.storage.uri)
+    return cfg
 
-    run = run_uri(cfg)
-    # first, with a short timeout and no retries: an S3 endpoint that accepts connections and never
-    # answers would hold every read below for minutes without a word
+
+def _check_reachable(cfg: Config, run: str) -> None:
+    """One short request per S3 location, with no retries: an endpoint that accepts connections and never
+    answers would hold every read after it for minutes without a word."""
     for name, value, uri in (("storage.uri", cfg.storage.uri, run), ("data.train", cfg.data.train, cfg.data.train),
                              ("data.val", cfg.data.val, cfg.data.val)):
         try:
-            storage.check_reachable(uri, endpoint)
+            storage.check_reachable(uri)
         except storage.StorageError as e:
             raise PreflightError(f"{name}={value!r}: {e}") from None
-    train = _manifest(cfg.data.train, "data.train", endpoint)
+
+
+def _read_data(cfg: Config) -> tuple[list[dict], list[str]]:
+    """(the training split's classes, the run's tasks), both splits checked against ``cfg`` and each other;
+    fills ``model.thing_classes`` from the data when the config leaves it unset."""
+    train = _manifest(cfg.data.train, "data.train")
     classes = train["classes"]
     if len(classes) != cfg.model.num_classes:
         raise PreflightError(
             f"model.num_classes={cfg.model.num_classes} but data.train={cfg.data.train!r} has {len(classes)} "
             f"classes; set --set model.num_classes={len(classes)}")
-    val = _manifest(cfg.data.val, "data.val", endpoint) if cfg.data.val else None
+    val = _manifest(cfg.data.val, "data.val") if cfg.data.val else None
     if val:
         if [c["name"] for c in val["classes"]] != [c["name"] for c in classes]:
             raise PreflightError(f"data.val={cfg.data.val!r} has different classes from data.train="
@@ -155,26 +143,45 @@ def preflight(cfg: Config) -> TrainPlan:
         log.warning("data.val is empty: training runs without evaluation")
     if cfg.model.thing_classes is None:
         cfg.model.thing_classes = [c["id"] for c in classes if c["isthing"]]
-    tasks = _run_tasks(cfg, train, val)
+    return classes, _run_tasks(cfg, train, val)
+
+
+def _resume_point(cfg: Config, classes: list[dict]) -> tuple[str | None, int]:
+    """(checkpoint the run resumes from or None, its position in the data stream); a new run's
+    ``model.weights`` are read here, so a bad file fails on the driver, not in every worker."""
     try:
-        resume_from, resume_images = check_resume(cfg, classes, endpoint) or (None, 0)
+        found = check_resume(cfg, classes)
     except CheckpointError as e:
         raise PreflightError(str(e)) from None
-    if not resume_from and cfg.model.weights:
+    if not found and cfg.model.weights:
         try:
-            initial_weights(cfg, endpoint)  # read on the driver: a bad file fails here, not in every worker
+            initial_weights(cfg)
         except (CheckpointError, storage.StorageError) as e:
             raise PreflightError(f"model.weights: {e}") from None
-    # last: the probe creates the run directory, which a failed check must not leave behind
+    return found or (None, 0)
+
+
+def _check_writable(cfg: Config, run: str) -> None:
     try:
-        storage.check_writable(run, endpoint)
+        storage.check_writable(run)
     except storage.StorageError as e:
         raise PreflightError(
             f"storage.uri={cfg.storage.uri!r}: cannot write the run directory {run}: {e}. Fix: point "
             "storage.uri at a writable directory or bucket (and storage.endpoint_url / AWS_ENDPOINT_URL "
             "at the S3 service)") from None
-    return TrainPlan(cfg=cfg, run_uri=run, endpoint_url=endpoint, classes=classes, tasks=tasks,
-                     resume_from=resume_from, resume_images=resume_images)
+
+
+def preflight(cfg: Config) -> TrainPlan:
+    """Check storage and datasets against ``cfg`` before any worker starts; generate the synthetic
+    dataset when ``data.train`` is empty. Raises PreflightError naming the field / URI and fix."""
+    cfg = _resolve_config(cfg)
+    run = run_uri(cfg)
+    _check_reachable(cfg, run)
+    classes, tasks = _read_data(cfg)
+    resume_from, resume_images = _resume_point(cfg, classes)
+    _check_writable(cfg, run)  # last: the probe creates the run directory, which a failed check must not leave
+    return TrainPlan(cfg=cfg, run_uri=run, classes=classes, tasks=tasks, resume_from=resume_from,
+                     resume_images=resume_images)
 
 
 def _quiet_ray_report_log() -> None:
@@ -188,7 +195,8 @@ def _quiet_ray_report_log() -> None:
 
 
 def train_worker(config: dict) -> None:
-    """Ray Train's per-worker function: adapts Ray's model / data / report to ``train_loop``."""
+    """Ray Train's per-worker function: adapts Ray's model / data / report to ``train_loop``.
+    ``config``: {"plan": the driver's TrainPlan}."""
     # the model, the loop and the evaluation are imported here, in the workers only: the job's driver,
     # a sweep's trial actors and Train's controller import this module too and need none of them
     # (torchvision and scipy alone take about 2 s to import)
@@ -199,7 +207,9 @@ def train_worker(config: dict) -> None:
 
     setup_logging()
     _quiet_ray_report_log()
-    cfg = config_from_dict(config["config"])
+    plan: TrainPlan = config["plan"]
+    cfg = plan.cfg
+    storage.configure(cfg.storage)
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -210,13 +220,11 @@ def train_worker(config: dict) -> None:
     # every parameter takes part in every step (tests/test_model.py), so DDP needs no search for unused ones
     model = ray.train.torch.prepare_model(model)
     shard = ray.train.get_dataset_shard("train")
-    endpoint = config["endpoint_url"]
-    classes = config["classes"]
-    store = CheckpointStore(config["run_uri"], endpoint, keep=cfg.train.keep_checkpoints, job=config["job"])
+    store = CheckpointStore(plan.run_uri, keep=cfg.train.keep_checkpoints, job=plan.job)
 
     def evaluate(net: torch.nn.Module) -> dict[str, float]:
-        return evaluate_model(net, cfg.data.val, cfg, classes, device=device, rank=rank, world_size=world_size,
-                              max_images=cfg.train.eval_max_images, endpoint_url=endpoint)
+        return evaluate_model(net, cfg.data.val, cfg, plan.classes, device=device, rank=rank, world_size=world_size,
+                              max_images=cfg.train.eval_max_images)
 
     train_loop(
         model,
@@ -226,14 +234,14 @@ def train_worker(config: dict) -> None:
         cfg,
         ray.train.report,
         store,
-        classes=classes,
+        classes=plan.classes,
         device=device,
         rank=rank,
         world_size=world_size,
         evaluate=evaluate if cfg.data.val else None,
-        main_metric=config["main_metric"],
+        main_metric=plan.main_metric,
         # the driver's choice; after a restart (train.max_failures), what this job saved since
-        resume_from=store.job_latest() or config["resume_from"],
+        resume_from=store.job_latest() or plan.resume_from,
     )
 
 
@@ -254,11 +262,12 @@ def train_stream(plan: TrainPlan):
     setup_logging()
     _quiet_ray_data()
     cfg = plan.cfg
-    pointer = CheckpointStore(plan.run_uri, plan.endpoint_url, job=plan.job).job_pointer()
-    start = images_done(pointer, cfg) if pointer else plan.resume_images
+    storage.configure(cfg.storage)
+    pointer = CheckpointStore(plan.run_uri, job=plan.job).job_pointer()
+    start = images_done(pointer.get("data", {}), pointer["iteration"], cfg) if pointer else plan.resume_images
     stop = cfg.train.max_iters * cfg.train.batch_size * cfg.train.workers
     log.info("training data: the stream of %s from image %d", cfg.data.train, start)
-    return build_train_stream(cfg.data.train, cfg, start=start, stop=stop, endpoint_url=plan.endpoint_url)
+    return build_train_stream(cfg.data.train, cfg, start=start, stop=stop)
 
 
 def build_trainer(plan: TrainPlan, callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
@@ -268,18 +277,10 @@ def build_trainer(plan: TrainPlan, callbacks: list | None = None) -> ray.train.t
     Ray's run files under the run directory."""
     cfg, t = plan.cfg, plan.cfg.train
     _quiet_ray_data()
-    fs, path = storage.resolve(cfg.storage.uri, plan.endpoint_url)
+    fs, path = storage.resolve(cfg.storage.uri)
     return ray.train.torch.TorchTrainer(
         train_worker,
-        train_loop_config={
-            "config": cfg.to_dict(),
-            "run_uri": plan.run_uri,
-            "endpoint_url": plan.endpoint_url,
-            "classes": plan.classes,
-            "main_metric": plan.main_metric,
-            "resume_from": plan.resume_from,
-            "job": plan.job,
-        },
+        train_loop_config={"plan": plan},
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=worker_bundle(t)),
         run_config=ray.train.RunConfig(
@@ -299,14 +300,17 @@ RUNTIME_ENV = {"worker_process_setup_hook": "mpformer_ray.ray_hooks.setup_worker
 
 def init_ray(address: str | None = None) -> bool:
     """Connect to ``address`` / ``RAY_ADDRESS`` (a cluster or ``ray job submit``), else start a
-    local Ray on this machine's cores; either way with ``RUNTIME_ENV``. Returns whether it started
+    local Ray on this machine's cores; either way with ``RUNTIME_ENV`` and this process's storage options. Returns whether it started
     that local Ray, a cluster of this one machine."""
     if ray.is_initialized():
         return False
+    # the storage options reach every worker of the job (storage.configure), and so does a test's fault injection
+    env_vars = {**storage.env_vars(), **({FAULT_ENV: os.environ[FAULT_ENV]} if FAULT_ENV in os.environ else {})}
+    runtime_env = {**RUNTIME_ENV, "env_vars": env_vars}
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, runtime_env=RUNTIME_ENV)
+        ray.init(address=address, runtime_env=runtime_env)
         return False
-    ray.init(num_cpus=len(os.sched_getaffinity(0)), runtime_env=RUNTIME_ENV)
+    ray.init(num_cpus=len(os.sched_getaffinity(0)), runtime_env=runtime_env)
     return True
 
 

@@ -161,15 +161,15 @@ def plots(table: pd.DataFrame, curves: dict[str, pd.DataFrame], metric: str, par
     return out
 
 
-def write_outputs(uri: str, endpoint_url: str | None, table: pd.DataFrame, best_yaml: str | None,
+def write_outputs(uri: str, table: pd.DataFrame, best_yaml: str | None,
                   pngs: dict[str, bytes]) -> dict[str, str]:
     """Write the table, the best config and the plots under ``uri``; returns name -> URI."""
     written = {"trials.csv": storage.join(uri, "trials.csv")}
-    storage.write_bytes(written["trials.csv"], table.to_csv(index=False).encode(), endpoint_url)
+    storage.write_bytes(written["trials.csv"], table.to_csv(index=False).encode())
     if best_yaml is not None:
         written["best_config.yaml"] = storage.join(uri, "best_config.yaml")
-        storage.write_bytes(written["best_config.yaml"], best_yaml.encode(), endpoint_url)
+        storage.write_bytes(written["best_config.yaml"], best_yaml.encode())
     for name, data in pngs.items():
         written[name] = storage.join(uri, "plots", name)
-        storage.write_bytes(written[name], data, endpoint_url)
+        storage.write_bytes(written[name], data)
     return written

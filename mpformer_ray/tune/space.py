@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from mpformer_ray.config import CONFIG_DIR, Config, ConfigError, apply_overrides, field_type, find_yaml
+from mpformer_ray.errors import UserError
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 DEFAULT_SWEEP = "pilot"
@@ -41,7 +42,7 @@ SEARCHES = ("optuna", "grid")
 SCHEDULERS = ("asha", "none")
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A sweep file is invalid; the message names the file, the field and the fix."""
 
 
@@ -152,6 +153,8 @@ def _parse_param(cfg: Config, name: str, spec: Any, where: str) -> Param:
         raise SweepError(f"{where}: space: {name}: {kind} takes a non-empty list; got {values!r}")
     numeric = {"uniform": float, "loguniform": float, "randint": int}.get(kind)
     if numeric:
+        if typing.get_origin(tp) is typing.Annotated:  # a registry's names: a str field, its values checked below
+            tp = typing.get_args(tp)[0]
         accepted = typing.get_args(tp) or (tp,)
         if numeric not in accepted:
             raise SweepError(f"{where}: space: {name} is a field of type {getattr(tp, '__name__', tp)}; {kind} "

@@ -13,11 +13,21 @@ Layout of a sweep under ``{storage.uri}/{run.name}/`` (local or ``s3://``)::
       checkpoints/model_*.pth      (the training job's own layout and retention)
     trials.csv, best_config.yaml, plots/*.png                         written at the end
 
-What makes this work on Ray 2.60 (see DESIGN.md section 4): the trial function itself asks
-for almost no CPU (its Train workers ask for theirs), each trial's TorchTrainer has its own
-storage path and name, and every Ray worker process gets ``RAY_ADDRESS`` set to this
-cluster's GCS, without which Train's placement-group cleaner cannot query the state API and
-a stopped trial's workers never release their CPUs.
+What makes this work on Ray 2.60; without each, a sweep hangs or cannot resume:
+
+- The trial function asks for no CPU (its Train workers ask for theirs). A trial holding the CPUs
+  its own workers need deadlocks the sweep without a word (worker-group start timeouts retried
+  forever), and even a fraction of a CPU leaves Ray Data no whole CPU to read with.
+- Each trial's TorchTrainer has its own storage path and name, the trial's run directory
+  ``{storage.uri}/{run.name}/<trial_id>``; with Train's defaults it writes to ``~/ray_results``
+  and a restarted trial cannot find its checkpoints.
+- Every Ray worker process gets ``RAY_ADDRESS`` set to this cluster's GCS
+  (``mpformer_ray.ray_hooks``). When a trial stops, Train's placement-group cleaner asks Ray's
+  state API whether the trial's controller is gone; without the address it may ask another Ray
+  instance on the machine (or none), fail, and the stopped trial's workers never release their
+  CPUs, so the next trial waits forever.
+- ASHA counts the iteration the training loop reports, not Tune's ``training_iteration``, which
+  starts again from 1 when a trial resumes.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mpformer_ray import storage
-from mpformer_ray.config import Config, to_yaml
+from mpformer_ray.config import Config, flatten, to_yaml
 from mpformer_ray.tune.space import Sweep, SweepError, trial_config
 from mpformer_ray.train.trainer import TrainPlan, build_trainer, check_resources, init_ray, preflight
 
@@ -177,23 +187,13 @@ def _sweep_state(sweep: Sweep, cfg: Config) -> dict:
     return {"sweep": dataclasses.asdict(sweep) | {"path": os.path.basename(sweep.path)}, "config": cfg.to_dict()}
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _check_same_sweep(uri: str, state: dict, endpoint: str | None) -> None:
+def _check_same_sweep(uri: str, state: dict) -> None:
     """Refuse to continue a sweep with another sweep file or config. Only what the sweep was
     started with counts: a field a later version of the platform added (with its default) does not
     make a sweep un-resumable, and the CLI may change how many trials run at once."""
-    saved = json.loads(storage.read_bytes(storage.join(uri, SWEEP_STATE), endpoint))
-    now = {**_flat(state["sweep"], "sweep "), **_flat(state["config"])}
-    changed = sorted(k for k, v in {**_flat(saved["sweep"], "sweep "), **_flat(saved["config"])}.items()
+    saved = json.loads(storage.read_bytes(storage.join(uri, SWEEP_STATE)))
+    now = {**flatten(state["sweep"], "sweep "), **flatten(state["config"])}
+    changed = sorted(k for k, v in {**flatten(saved["sweep"], "sweep "), **flatten(saved["config"])}.items()
                      if k != "sweep max_concurrent" and now.get(k, v) != v)
     if changed:
         raise SweepError(f"{uri} holds a sweep started with another sweep file or config (differs in: "
@@ -210,18 +210,18 @@ def run_sweep(cfg: Config, sweep: Sweep, *, resume: bool = False, address: str |
     """
     # what the directory holds decides before preflight, which creates it
     uri = storage.join(storage.absolute(cfg.storage.uri), cfg.run.name)
-    endpoint = storage.endpoint_for(cfg.storage.endpoint_url)
-    existing = storage.exists(storage.join(uri, SWEEP_STATE), endpoint)
+    storage.configure(cfg.storage)
+    existing = storage.exists(storage.join(uri, SWEEP_STATE))
     if resume and not existing:
         raise SweepError(f"--resume: no sweep to resume at {uri} (no {SWEEP_STATE}); run without --resume to start it")
-    if not existing and storage.exists(storage.join(uri, "checkpoints"), endpoint):
+    if not existing and storage.exists(storage.join(uri, "checkpoints")):
         raise SweepError(f"{uri} holds a training run (checkpoints/), not a sweep; set another run.name for the sweep")
     plan = preflight(cfg)
-    fs, root = storage.resolve(plan.cfg.storage.uri, plan.endpoint_url)
-    exp_path = storage.resolve(uri, plan.endpoint_url)[1]
+    fs, root = storage.resolve(plan.cfg.storage.uri)
+    exp_path = storage.resolve(uri)[1]
     state = _sweep_state(sweep, plan.cfg)
     if existing:
-        _check_same_sweep(uri, state, plan.endpoint_url)
+        _check_same_sweep(uri, state)
     own_instance = init_ray(address)
     check_resources(plan.cfg, own_instance=own_instance)
     if own_instance and (problem := concurrency_problem(ray.cluster_resources().get("CPU", 0.0), plan.cfg,
@@ -242,7 +242,7 @@ def run_sweep(cfg: Config, sweep: Sweep, *, resume: bool = False, address: str |
         tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False, storage_filesystem=fs)
     else:
-        storage.write_bytes(storage.join(uri, SWEEP_STATE), json.dumps(state, indent=1).encode(), plan.endpoint_url)
+        storage.write_bytes(storage.join(uri, SWEEP_STATE), json.dumps(state, indent=1).encode())
         metric = plan.main_metric
         tuner = tune.Tuner(
             trainable,
@@ -302,7 +302,7 @@ def finish_sweep(result: SweepResult, sweep: Sweep) -> str:
     text the job prints (table, best trial, where everything is)."""
     from mpformer_ray.tune import report
 
-    cfg, endpoint, metric = result.plan.cfg, result.plan.endpoint_url, result.metric
+    cfg, metric = result.plan.cfg, result.metric
     names = [p.name for p in sweep.params]
     table = report.trials_table(result.grid, metric, names, cfg.train.max_iters, result.unfinished)
     try:
@@ -312,7 +312,7 @@ def finish_sweep(result: SweepResult, sweep: Sweep) -> str:
     best_yaml = (best_config_yaml(best_cfg, best.metrics.get("trial_id", "?"), metric, best.metrics[metric])
                  if best is not None else None)
     pngs = report.plots(table, report.learning_curves(result.grid, metric), metric, names)
-    written = report.write_outputs(result.uri, endpoint, table, best_yaml, pngs)
+    written = report.write_outputs(result.uri, table, best_yaml, pngs)
     lines = [f"\nsweep {result.uri}: {len(table)} trials, objective {metric} (higher is better)\n",
              report.table_text(table)]
     if result.unfinished:
