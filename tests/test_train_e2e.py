@@ -63,8 +63,8 @@ def train_command(s3_data: dict, run_name: str, *overrides: str) -> list[str]:
                       f"storage.uri={s3_data['storage']}", f"run.name={run_name}", *overrides)
 
 
-def run_job(cmd: list[str], timeout: float, cwd: Path = REPO) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""}
+def run_job(cmd: list[str], timeout: float, cwd: Path = REPO, **env_vars: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": "", **env_vars}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout + proc.stderr
@@ -140,7 +140,7 @@ def test_killed_interrupted_and_failing_run_loses_nothing(s3_data, tmp_path):
     assert intact_at < 33, "the Ctrl-C came too late for the fault to fire after it"
     storage.delete(storage.join(store.dir, "latest.json"))
     storage.write_bytes(newest, storage.read_bytes(newest)[:1000])
-    out = run_job(cmd, timeout=480)
+    out = run_job(cmd, timeout=480, **{FAULT_ENV: "33"})
     assert newest in out and intact in out  # the damaged file is named, and where it went instead
     assert storage.exists(fault_marker(run, 33)), "the injected fault never fired"
     ckpt = load_checkpoint(latest_checkpoint(run))
