@@ -32,8 +32,8 @@ from mpformer_ray.model import build_model  # noqa: E402
 from mpformer_ray.train.optim import build_optimizer, build_scheduler  # noqa: E402
 
 
-def model_sizes(preset: str) -> dict:
-    cfg = load_config(preset)
+def model_sizes(preset: str, num_classes: int) -> dict:
+    cfg = load_config(preset, [f"model.num_classes={num_classes}"])  # presets take their classes from the data
     torch.manual_seed(0)
     model = build_model(cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -80,12 +80,13 @@ def record_sizes(uri: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="r50", help="preset or YAML whose model is measured")
+    ap.add_argument("--num-classes", type=int, default=133, help="the dataset's classes (default: COCO panoptic's)")
     ap.add_argument("--data", default=None, help="prepared split (local or s3://) whose records are measured")
     ap.add_argument("--records", type=int, default=64, help="else: this many synthetic 640x480 records")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
 
-    out = {"model": model_sizes(args.config)}
+    out = {"model": model_sizes(args.config, args.num_classes)}
     if args.data:
         out["records"] = record_sizes(args.data)
     else:

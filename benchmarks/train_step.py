@@ -141,7 +141,8 @@ class Subject:
 
         self.name, self.device = name, device
         self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-        self.cfg = cfg = load_config("r50", OURS.get(name, []))
+        # COCO panoptic's 133 classes: the r50 preset takes its classes from the data
+        self.cfg = cfg = load_config("r50", ["model.num_classes=133", *OURS.get(name, [])])
         torch.manual_seed(0)  # pilot-off and pilot-on models get identical weights (the pilot is built last)
         if name == PEER:
             self.model = build_peer(cfg.model.num_classes, cfg.model).to(device)

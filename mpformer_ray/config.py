@@ -14,6 +14,7 @@ import argparse
 import copy
 import dataclasses
 import importlib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -92,8 +93,10 @@ class ModelConfig:
     # local path or s3:// URI of a project checkpoint (e.g. from jobs/convert_checkpoint.py) whose model weights
     # a new run starts from; resuming a run (same run.name) takes its own checkpoint instead
     weights: str | None = None
-    num_classes: int = 133
-    thing_classes: list[int] | None = None  # contiguous ids of "thing" classes; None = all
+    # the dataset's classes: None (the presets' choice) = taken from the training split's manifest by the
+    # training job's preflight (``with_classes``); a value set here must agree with the data
+    num_classes: int | None = None
+    thing_classes: list[int] | None = None  # contiguous ids of "thing" classes; None = the data's (else all)
     num_queries: int = 100
     hidden_dim: int = 256
     nheads: int = 8
@@ -412,8 +415,8 @@ def validate(cfg: Config) -> None:
     job's preflight."""
     m, p = cfg.model, cfg.model.pilot
     problems = []
-    if m.num_classes < 1:
-        problems.append("model.num_classes must be >= 1")
+    if m.num_classes is not None and m.num_classes < 1:
+        problems.append("model.num_classes must be >= 1 (or null: the training data's)")
     if m.num_queries < 1:
         problems.append("model.num_queries must be >= 1")
     if m.hidden_dim % m.nheads:
@@ -422,8 +425,9 @@ def validate(cfg: Config) -> None:
         problems.append("model.dec_layers must be >= 1")
     if m.swin_window < 1:
         problems.append(f"model.swin_window must be >= 1; got {m.swin_window}")
-    if m.thing_classes is not None and any(not 0 <= c < m.num_classes for c in m.thing_classes):
-        problems.append(f"model.thing_classes must lie in [0, {m.num_classes}); got {m.thing_classes}")
+    if m.thing_classes is not None and any(not 0 <= c < (m.num_classes or math.inf) for c in m.thing_classes):
+        problems.append(f"model.thing_classes must lie in [0, {m.num_classes or 'model.num_classes'}); "
+                        f"got {m.thing_classes}")
     if p.groups < 1:
         problems.append("model.pilot.groups must be >= 1 (disable with model.pilot.enabled=false)")
     if not 0.0 <= p.label_noise <= 1.0:
@@ -454,6 +458,29 @@ def validate(cfg: Config) -> None:
         problems.append(f"run.name must be a non-empty name without '/'; got {cfg.run.name!r}")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def with_classes(cfg: Config, classes: list[dict], where: str = "the data") -> Config:
+    """A copy of ``cfg`` whose model predicts the dataset's ``classes`` (a manifest's ``classes`` list:
+    contiguous ids with ``isthing``): ``model.num_classes`` and ``model.thing_classes`` filled where unset.
+    A value the config already sets that disagrees with them is a ConfigError naming both and ``where`` the
+    classes come from. The training job applies it to its training split; code that builds a model without
+    one (a test, a benchmark) applies it to the classes of the data it means."""
+    m = cfg.model
+    if m.num_classes is not None and m.num_classes != len(classes):
+        raise ConfigError(f"model.num_classes={m.num_classes} but {where} has {len(classes)} classes "
+                          f"({', '.join(c['name'] for c in classes[:8])}{', ...' if len(classes) > 8 else ''}); "
+                          f"leave model.num_classes unset (null) to take them from the data, or set "
+                          f"--set model.num_classes={len(classes)}")
+    cfg = copy.deepcopy(cfg)
+    cfg.model.num_classes = len(classes)
+    if cfg.model.thing_classes is None:
+        cfg.model.thing_classes = [i for i, c in enumerate(classes) if c.get("isthing", True)]
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"with the {len(classes)} classes of {where}: {e}") from None
+    return cfg
 
 
 def piloted_layers(cfg: ModelConfig) -> int:

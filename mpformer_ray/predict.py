@@ -65,7 +65,12 @@ def load_for_inference(checkpoint: str, overrides: list[str] | None = None, devi
 
 def load_image(uri: str) -> np.ndarray:
     """An image file (local or s3://) -> uint8 [H, W, 3] RGB, EXIF orientation applied."""
-    data = storage.read_bytes(uri)
+    return decode_image(storage.read_bytes(uri), uri)
+
+
+def decode_image(data: bytes, uri: str) -> np.ndarray:
+    """The bytes of an image file (``uri`` names it in errors) -> uint8 [H, W, 3] RGB, EXIF orientation
+    applied; ValueError naming ``uri`` when Pillow cannot decode them."""
     try:
         image = Image.open(io.BytesIO(data))
         image = ImageOps.exif_transpose(image).convert("RGB")
@@ -91,21 +96,35 @@ def predict(model: nn.Module, image: np.ndarray, cfg: Config, device: str | torc
     the CPU: any of "sem_seg_labels" int32 [H, W] (argmax of the class scores), "panoptic" (int32 [H, W]
     id map, [{"id", "category_id", "isthing", "score"}]), "instances" {"rles": [COCO RLE], "scores":
     float [Q], "labels": int64 [Q]}. Memory at the image's resolution stays a few bytes a pixel, however
-    many queries and classes the model has.
+    many queries and classes the model has. ``model`` is an ``MPFormer`` or an exported graph
+    (``mpformer_ray.export.OnnxModel``): both give their queries to the same post-processing.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"predict: image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
     resized, original_hw = eval_transform({"image": image}, cfg.data)
+    return predict_resized(model, [resized], [original_hw], device)[0]
+
+
+@torch.no_grad()
+def predict_resized(model: nn.Module, resized: list[np.ndarray], original_hws: list[tuple[int, int]],
+                    device: str | torch.device = "cpu") -> list[dict[str, Any]]:
+    """``predict`` for B images already resized by ``eval_transform``, all of one size (uint8 [h, w, 3]),
+    in one forward pass; ``original_hws``: the (H, W) each one's results are resized back to.
+
+    A batch's values differ from one image at a time by float rounding (about 1e-6 of the mask logits:
+    the kernels sum in another order), which can flip a pixel whose scores tie that closely."""
     model.eval()
-    batch = normalize(torch.tensor(resized)[None].to(device))  # a copy: PIL's arrays are read-only
-    resized_hw = tuple(resized.shape[:2])
+    batch = normalize(torch.from_numpy(np.stack(resized)).to(device))  # np.stack copies: PIL's arrays are read-only
+    resized_hw = tuple(resized[0].shape[:2])
     raw = model.forward_raw(batch)
     padded_hw = tuple(model.pad(batch)[0].shape[-2:])
-    result = model.postprocess(raw, resized_hw, padded_hw, [resized_hw], [original_hw], compact=True)[0]
-    if "panoptic" in result:
-        id_map, segments = result["panoptic"]
-        result["panoptic"] = (id_map, [{k: _plain(v) for k, v in s.items()} for s in segments])
-    return result
+    results = model.postprocess(raw, resized_hw, padded_hw, [resized_hw] * len(resized), list(original_hws),
+                                compact=True)
+    for result in results:
+        if "panoptic" in result:
+            id_map, segments = result["panoptic"]
+            result["panoptic"] = (id_map, [{k: _plain(v) for k, v in s.items()} for s in segments])
+    return results
 
 
 def _plain(value: Any) -> Any:

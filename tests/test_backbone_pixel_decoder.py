@@ -8,7 +8,8 @@ import pytest
 import torch
 import torchvision
 
-from mpformer_ray.config import load_config
+from mpformer_ray.config import load_config, with_classes
+from mpformer_ray.data.synthetic import SYNTHETIC_CLASSES
 from mpformer_ray.model import build_model
 from mpformer_ray.model.backbone import build_backbone, group_norm
 from mpformer_ray.model.ms_deform_attn import MSDeformAttn, ms_deform_attn
@@ -164,7 +165,7 @@ def test_group_norm_runs_in_fp32_under_bf16_autocast():
 def test_tiny_model_stays_finite_under_bf16_autocast(hw):
     """Every map of the backbone, pixel decoder and decoder stays finite under bf16 autocast, down to the
     1x1 / 2x1 res5 of the smallest inputs (padded to model.size_divisibility), for several initialisations."""
-    cfg = load_config("tiny")
+    cfg = with_classes(load_config("tiny"), SYNTHETIC_CLASSES)
     for seed in range(6):
         torch.manual_seed(seed)
         model = build_model(cfg).eval()

@@ -38,6 +38,8 @@ TINY = [
     "model.dec_layers=2", "model.enc_layers=1", "model.num_queries=8", "model.hidden_dim=32", "model.nheads=2",
     "model.dim_feedforward=64", "model.enc_dim_feedforward=64", "model.mask_dim=32", "model.train_num_points=256",
     "data.test_short_side=64", "data.test_max_size=64",
+    # the synthetic data's classes: these models are built without the training job, which takes them from the data
+    "model.num_classes=6", "model.thing_classes=[0, 1, 2, 3]",
 ]
 # keep every query's segment, so an untrained model still predicts panoptic segments to write
 KEEP_ALL = ["model.test.object_mask_threshold=0.0", "model.test.overlap_threshold=0.0"]

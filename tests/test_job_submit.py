@@ -20,7 +20,7 @@ import torch
 
 from conftest import client_env
 
-from mpformer_ray.config import load_config
+from mpformer_ray.config import load_config, with_classes
 from mpformer_ray.data.coco import convert_coco
 from mpformer_ray.data.records import read_manifest
 from mpformer_ray.model import build_model
@@ -56,10 +56,10 @@ def test_submit_without_or_with_wrong_token_is_refused(ray_head):
 def test_submit_evaluate_job_with_token(ray_head, synthetic_coco, tmp_path):
     val = str(tmp_path / "val")
     convert_coco(str(synthetic_coco), "val", val, task="panoptic", shard_size=2, num_workers=1, progress=False)
-    cfg = load_config("tiny", TINY + [f"data.val={val}"])
+    classes = read_manifest(val)["classes"]
+    cfg = with_classes(load_config("tiny", TINY + [f"data.val={val}"]), classes)
     torch.manual_seed(0)
-    state = Checkpoint(iteration=1, model=build_model(cfg).state_dict(), config=cfg.to_dict(),
-                       classes=read_manifest(val)["classes"])
+    state = Checkpoint(iteration=1, model=build_model(cfg).state_dict(), config=cfg.to_dict(), classes=classes)
     save_checkpoint(state, str(tmp_path / "run"))
     # the token from a file, the way a workstation keeps it (RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)
     token_file = tmp_path / "token"

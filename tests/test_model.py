@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mpformer_ray.config import load_config
+from mpformer_ray.config import ConfigError, load_config, with_classes
+from mpformer_ray.data.synthetic import SYNTHETIC_CLASSES
 from mpformer_ray.model import MPFormer, build_model
 
 torch.set_num_threads(1)
@@ -19,7 +20,7 @@ COLOURS = np.array([[1.5, -1, -1], [-1, 1.5, -1], [-1, -1, 1.5], [1.5, 1.5, -1],
 
 def tiny(*overrides: str) -> MPFormer:
     torch.manual_seed(0)
-    return build_model(load_config("tiny", [*FAST, *overrides]))
+    return build_model(with_classes(load_config("tiny", [*FAST, *overrides]), SYNTHETIC_CLASSES))
 
 
 def shapes_batch(counts: list[int], size: int = 64, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
@@ -97,7 +98,7 @@ def test_pilot_queries_do_not_change_matching_queries():
 
 
 def test_r50_parameter_count():
-    model = build_model(load_config("r50"))
+    model = build_model(load_config("r50", ["model.num_classes=133"]))  # COCO panoptic's, as the paper counts
     assert abs(model.num_parameters() - 44.0e6) / 44.0e6 < 0.01, model.num_parameters()
 
 
@@ -306,6 +307,17 @@ def test_postprocess_formats():
     only_semantic = tiny("model.test.instance_on=false", "model.test.panoptic_on=false").eval()
     with torch.no_grad():
         assert set(only_semantic(images)[0]) == {"sem_seg"}
+
+
+def test_a_model_needs_its_classes():
+    """Presets leave the classes to the data; building a model without them names the fix."""
+    with pytest.raises(ConfigError, match=r"model\.num_classes is not set.*with_classes.*--set model\.num_classes"):
+        build_model(load_config("tiny"))
+    with pytest.raises(ConfigError, match=r"model\.num_classes=7 but the data has 6 classes \(square, disk"):
+        with_classes(load_config("tiny", ["model.num_classes=7"]), SYNTHETIC_CLASSES)
+    filled = with_classes(load_config("tiny"), SYNTHETIC_CLASSES)
+    assert (filled.model.num_classes, filled.model.thing_classes) == (6, [0, 1, 2, 3])
+    assert with_classes(load_config("tiny", ["model.thing_classes=[1]"]), SYNTHETIC_CLASSES).model.thing_classes == [1]
 
 
 def test_bad_targets_are_rejected():

@@ -30,7 +30,7 @@ from conftest import TINY_MODEL, VENV_BIN, client_env, free_ports, started_ray_h
 from servers import session_pids, start
 
 from mpformer_ray import storage
-from mpformer_ray.config import Config, load_config
+from mpformer_ray.config import Config, load_config, with_classes
 from mpformer_ray.data.pipeline import local_batches
 from mpformer_ray.model import build_model
 from mpformer_ray.model.criterion import total_loss
@@ -179,7 +179,7 @@ def test_training_spans_nodes_and_survives_losing_one(s3_data, tmp_path):
     out = (tmp_path / "job.log").read_text()
     losses = [float(x) for x in re.findall(rf"iter \d+/{MAX_ITERS}\s+loss ([0-9.]+)", out)]
     assert len(losses) >= 4, out[-3000:]
-    cfg = load_config(overrides=overrides)
+    cfg = with_classes(load_config(overrides=overrides), ckpt.classes)
     before, after = training_loss(cfg, None, s3_data["train"]), training_loss(cfg, ckpt.model, s3_data["train"])
     assert after < 0.9 * before, (before, after, losses)
     assert "final metrics" in out and "sem_seg/mIoU" in out

@@ -205,13 +205,15 @@ def test_decoder_matches_the_released_pilot_rules():
     (content, self-attention mask, every layer's cross-attention mask) and its pilot class loss equal an
     independent restatement of the released code's rules, after moving its pilot slots behind the matching
     queries."""
-    from mpformer_ray.config import load_config
+    from mpformer_ray.config import load_config, with_classes
+    from mpformer_ray.data.synthetic import SYNTHETIC_CLASSES
     from mpformer_ray.model import build_model
 
     torch.manual_seed(0)
     g = 2
-    cfg = load_config("tiny", ["model.train_num_points=64", f"model.pilot.groups={g}", "model.pilot.mask_noise=point",
-                               "model.pilot.noise_ratio=0.0", "model.pilot.label_noise=0.0", "model.pilot.layers=all"])
+    cfg = with_classes(load_config("tiny", [
+        "model.train_num_points=64", f"model.pilot.groups={g}", "model.pilot.mask_noise=point",
+        "model.pilot.noise_ratio=0.0", "model.pilot.label_noise=0.0", "model.pilot.layers=all"]), SYNTHETIC_CLASSES)
     model = build_model(cfg).train()
     targets = random_targets([2, 0, 3], seed=4, num_classes=cfg.model.num_classes)
     images = torch.randn(3, 3, H, W, generator=torch.Generator().manual_seed(5))
@@ -243,12 +245,14 @@ def test_decoder_matches_the_released_pilot_rules():
 def test_a_registered_noise_kind_is_a_config_choice_and_is_dispatched(monkeypatch):
     """MASK_NOISE is the one list of kinds: a kind registered there loads from a config and both of its
     steps run (``source`` once per forward, ``layer`` at each piloted layer); unregistered, it is refused."""
-    from mpformer_ray.config import ConfigError, load_config
+    from mpformer_ray.config import ConfigError, load_config, with_classes
+    from mpformer_ray.data.synthetic import SYNTHETIC_CLASSES
     from mpformer_ray.model.pilot import MASK_NOISE, MaskNoise
 
     blank = MaskNoise(source=lambda masks, ratio: torch.zeros_like(masks), layer=lambda masks, ratio: ~masks)
     monkeypatch.setitem(MASK_NOISE, "blank", blank)
-    cfg = load_config("tiny", ["model.pilot.mask_noise=blank", "model.pilot.noise_ratio=0.5"])
+    cfg = with_classes(load_config("tiny", ["model.pilot.mask_noise=blank", "model.pilot.noise_ratio=0.5"]),
+                       SYNTHETIC_CLASSES)
     batch = PilotQueries.from_config(cfg.model)(random_targets([2, 3]), Q, (H, W))
     assert batch.masks.shape[1] > 0 and not batch.masks.any()
     assert batch.cross_attention_mask(0, SIZES[0]).all()

@@ -121,7 +121,7 @@ def test_compact_inference_without_kept_queries_or_tasks():
 
 
 def test_evaluation_metrics_equal_with_compact_predictions(synthetic_coco, tmp_path):
-    from mpformer_ray.config import load_config
+    from mpformer_ray.config import load_config, with_classes
     from mpformer_ray.data.coco import convert_coco
     from mpformer_ray.data.records import read_manifest, read_records
     from mpformer_ray.data.transforms import eval_transform, normalize
@@ -131,7 +131,8 @@ def test_evaluation_metrics_equal_with_compact_predictions(synthetic_coco, tmp_p
     val = str(tmp_path / "val")
     convert_coco(str(synthetic_coco), "val", val, task="panoptic", shard_size=4, num_workers=1, progress=False)
     classes = read_manifest(val)["classes"]
-    cfg = load_config("tiny", ["model.test.object_mask_threshold=0.1", "model.test.overlap_threshold=0.3"])
+    cfg = with_classes(load_config("tiny", ["model.test.object_mask_threshold=0.1",
+                                            "model.test.overlap_threshold=0.3"]), classes)
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     evaluators = {form: Evaluator(classes, {"panoptic"}) for form in ("full", "compact")}
@@ -153,11 +154,13 @@ def test_evaluation_metrics_equal_with_compact_predictions(synthetic_coco, tmp_p
 
 PEAK_RSS = """
 import resource, sys, numpy as np, torch
-from mpformer_ray.config import load_config
+from mpformer_ray.config import load_config, with_classes
+from mpformer_ray.data.synthetic import SYNTHETIC_CLASSES
 from mpformer_ray.model import build_model
 from mpformer_ray.predict import predict
 torch.manual_seed(0)
-cfg = load_config("tiny", ["model.num_queries=100", "data.test_short_side=256", "data.test_max_size=400"])
+cfg = with_classes(load_config("tiny", ["model.num_queries=100", "data.test_short_side=256", "data.test_max_size=400"]),
+                   SYNTHETIC_CLASSES)
 model = build_model(cfg).eval()
 image = np.random.default_rng(0).integers(0, 256, (1500, 2000, 3), dtype=np.uint8)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -356,7 +356,8 @@ def test_dataset_formats_are_the_registry_the_cli_and_prepare_read(tmp_path, cap
     name is refused naming the known ones; a converter registered there is offered and run."""
     import importlib.util
 
-    from mpformer_ray.data.prepare import DATASETS, prepare
+    from mpformer_ray.data.prepare import DATASETS, Dataset, Source, prepare
+    from mpformer_ray.data.records import Work, make_row
 
     spec = importlib.util.spec_from_file_location("prepare_data_job", REPO / "jobs" / "prepare_data.py")
     job = importlib.util.module_from_spec(spec)
@@ -366,17 +367,19 @@ def test_dataset_formats_are_the_registry_the_cli_and_prepare_read(tmp_path, cap
     err = capsys.readouterr().err
     assert e.value.code == 2 and "invalid choice: 'voc'" in err and all(repr(name) in err for name in DATASETS)
     with pytest.raises(ValueError, match=r"dataset must be one of \['coco', 'ade20k', .*got 'voc'"):
-        prepare("voc", "semantic", str(tmp_path), "train", str(tmp_path / "out"))
+        prepare("voc", Source(root=str(tmp_path)), str(tmp_path / "out"), task="semantic")
 
     seen = {}
 
-    def convert_voc(root: str, split: str, out: str, scenes: dict, **options) -> dict:
-        seen.update(root=root, split=split, out=out, **options)
-        return {"dataset": "voc", "task": options["task"], "split": split, "num_images": 0, "num_segments": 0,
-                "classes": [], "shards": []}
+    def voc_items(source: Source, task: str, report) -> Work:
+        seen.update(root=source.root, split=source.split, task=task)
+        return Work([], [{"id": 0, "name": "sheep", "isthing": False}], make_row)
 
-    monkeypatch.setitem(DATASETS, "voc", convert_voc)
+    monkeypatch.setitem(DATASETS, "voc", Dataset(voc_items, ("semantic",)))
     out = str(tmp_path / "out")
-    assert job.main(["--dataset", "voc", "--task", "semantic", "--root", str(tmp_path), "--out", out]) == 0
-    assert (seen["root"], seen["split"], seen["out"], seen["task"]) == (str(tmp_path), "train", out, "semantic")
+    assert job.main(["--dataset", "voc", "--root", str(tmp_path), "--out", out]) == 0  # its one task, the default
+    assert (seen["root"], seen["split"], seen["task"]) == (str(tmp_path), "train", "semantic")
     assert "dataset=voc task=semantic split=train" in capsys.readouterr().out
+    assert read_manifest(out)["classes"][0]["name"] == "sheep"
+    assert job.main(["--dataset", "voc", "--task", "panoptic", "--root", str(tmp_path), "--out", out]) == 2
+    assert "--dataset voc has annotations for ['semantic'], not --task panoptic" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from pycocotools.coco import COCO
 
-from mpformer_ray.config import ConfigError, SyntheticConfig, load_config
+from mpformer_ray.config import ConfigError, SyntheticConfig, load_config, with_classes
 from mpformer_ray.data import ensure_synthetic, read_manifest, read_records
 from mpformer_ray.data.coco import convert_coco
 from mpformer_ray.data.synthetic import split_seed, write_coco_layout
@@ -187,7 +187,10 @@ def test_prepare_data_job_takes_the_variant(tmp_path):
 def test_tiny_hard_and_medium_presets_match_the_generator(preset, variant):
     cfg = load_config(preset)
     assert cfg.data.synthetic.variant == variant and load_config("tiny").data.synthetic.variant == "easy"
-    assert cfg.model.num_classes == len(HARD_CLASSES) and cfg.model.thing_classes == THINGS
+    # the classes come from the generator's records, not the preset
+    assert cfg.model.num_classes is None and cfg.model.thing_classes is None
+    filled = with_classes(cfg, HARD_CLASSES).model
+    assert filled.num_classes == len(HARD_CLASSES) and filled.thing_classes == THINGS
     assert cfg.model.num_queries >= 12 + 1 + 4  # most things + a crowd + most stuff segments in one image
     assert cfg.data.synthetic.num_train // (cfg.train.batch_size * cfg.train.workers) > 100  # iterations per epoch
     assert cfg.train.max_iters % cfg.train.eval_period == 0  # an evaluation at the end of the schedule

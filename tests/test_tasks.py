@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpformer_ray.config import ConfigError, InferenceConfig, load_config
+from mpformer_ray.config import ConfigError, InferenceConfig, load_config, with_classes
 from mpformer_ray.data.coco import convert_coco
-from mpformer_ray.data.prepare import prepare
+from mpformer_ray.data.prepare import Source, prepare
 from mpformer_ray.data.records import read_manifest
+from mpformer_ray.evaluation.report import Evaluation
 from mpformer_ray.evaluation.runner import evaluate_model
 from mpformer_ray.model import build_model
 from mpformer_ray.tasks import main_metric, tasks_for
@@ -52,7 +53,7 @@ def test_tasks_follow_the_split_and_the_post_processing_switches():
     with pytest.raises(ValueError, match=r"manifest task 'depth'.*prepare_data"):
         tasks_for("depth", everything)
     with pytest.raises(ValueError, match="task must be one of"):
-        prepare("synthetic", "depth", "unused", "train", "unused")
+        prepare("synthetic", Source(root="unused"), "unused", task="depth")
 
 
 def test_main_metric_is_one_the_evaluation_gives_when_panoptic_is_off(splits, tmp_path):
@@ -81,8 +82,9 @@ def test_an_evaluation_without_the_main_metric_is_an_error(splits, tmp_path):
     cfg = run_cfg(splits, tmp_path, "train.max_iters=1", "train.batch_size=1", "model.train_num_points=256",
                   "data.crop_size=[64,64]")
     classes = read_manifest(splits["train"])["classes"]
+    cfg = with_classes(cfg, classes)
     torch.manual_seed(0)
     with pytest.raises(ConfigError, match=r"gave no panoptic/PQ.*\['sem_seg/mIoU'\].*model\.test\.\*_on"):
         train_loop(build_model(cfg), lambda start: local_stream(splits["train"], cfg, 1, start), cfg,
                    lambda metrics: None, CheckpointStore(str(tmp_path / "runs" / "tasks"), None), classes=classes,
-                   evaluate=lambda model: {"sem_seg/mIoU": 50.0}, main_metric="panoptic/PQ")
+                   evaluate=lambda model: Evaluation({"sem_seg/mIoU": 50.0}), main_metric="panoptic/PQ")

@@ -155,6 +155,12 @@ def test_killed_interrupted_and_failing_run_loses_nothing(s3_data, tmp_path):
     # metrics reached the driver through ray.train.report
     table = out[out.index("final metrics"):]
     assert "loss" in table and "iteration" in table and run in out
+    # the preset sets no classes: the run took the data's, and its evaluation's per-class table names them
+    assert ckpt.config["model"]["num_classes"] == 6 and [c["name"] for c in ckpt.classes][:2] == ["square", "disk"]
+    evaluation = f"{run}/evaluations/iteration_0000040"
+    per_class = storage.read_bytes(f"{evaluation}/per_class.csv").decode().splitlines()
+    assert per_class[0].startswith("class_id,name,type,PQ,SQ,RQ,AP,IoU,Acc") and per_class[1].startswith("0,square,thing,")
+    assert json.loads(storage.read_bytes(f"{evaluation}/metrics.json"))["num_images"] == 4
 
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), "--checkpoint", run, "--device", "cpu"],
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,

@@ -20,9 +20,10 @@ from servers import start
 
 from mpformer_ray import storage
 from mpformer_ray.amp import resolve_amp
-from mpformer_ray.config import ConfigError, load_config
+from mpformer_ray.config import ConfigError, load_config, with_classes
 from mpformer_ray.data.pipeline import local_stream
-from mpformer_ray.data.synthetic import ensure_synthetic
+from mpformer_ray.evaluation.report import Evaluation
+from mpformer_ray.data.synthetic import SYNTHETIC_CLASSES, ensure_synthetic
 from mpformer_ray.model import build_model
 from mpformer_ray.train import (
     Checkpoint,
@@ -66,9 +67,10 @@ def tiny_cfg(records: dict, tmp_path: Path, *overrides: str):
 
 def run_loop(cfg, records: dict, store: CheckpointStore, reports: list | None = None,
              resume_from: str | None = None) -> dict:
+    classes = json.loads(storage.read_bytes(storage.join(records["train"], "manifest.json")))["classes"]
+    cfg = with_classes(cfg, classes)  # as the training job's preflight fills them
     torch.manual_seed(0)
     model = build_model(cfg)
-    classes = json.loads(storage.read_bytes(storage.join(records["train"], "manifest.json")))["classes"]
     return train_loop(
         model,
         lambda start: local_stream(records["train"], cfg, cfg.train.batch_size, start),
@@ -98,7 +100,7 @@ def test_poly_schedule_with_warmup():
 
 def test_param_groups_backbone_lr_multiplier(records, tmp_path):
     cfg = tiny_cfg(records, tmp_path, "train.lr=0.001", "train.backbone_lr_mult=0.1", "train.weight_decay=0.05")
-    model = build_model(cfg)
+    model = build_model(with_classes(cfg, SYNTHETIC_CLASSES))
     groups = {g["name"]: g for g in param_groups(model, cfg.train)}
     backbone = {id(p) for p in model.backbone.parameters() if p.requires_grad}
     assert backbone, "the tiny model's backbone must have trainable parameters"
@@ -194,13 +196,14 @@ def test_evaluations_reach_tensorboard_and_a_failed_run_keeps_its_curves(records
                    "train.checkpoint_period=100")
     store = CheckpointStore(str(tmp_path / "runs" / "curves"))
     classes = json.loads(storage.read_bytes(storage.join(records["train"], "manifest.json")))["classes"]
+    cfg = with_classes(cfg, classes)
     calls = []
 
     def evaluate(model):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("evaluation failed")  # training stops: the curves so far are still saved
-        return {"sem_seg/mIoU": 12.5, "segm/AP": float("nan"), "num_images": 4}
+        return Evaluation({"sem_seg/mIoU": 12.5, "segm/AP": float("nan"), "num_images": 4})
 
     torch.manual_seed(0)
     with pytest.raises(RuntimeError, match="evaluation failed"):

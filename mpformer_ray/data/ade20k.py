@@ -78,7 +78,8 @@ def convert_ade20k_item(item: dict, report: ConversionReport, *, root: str) -> d
     values = read_label(root, item["label"], item["image"], (height, width), report)
     if values is None:
         return None
-    sem = lookup(values, _LABEL_TABLE, "pixel values", item["label"], item["image"], report)
+    sem = lookup(values, _LABEL_TABLE, "pixel values not in the official table", item["label"], item["image"],
+                 report)
     segments = class_segments(sem, _SOURCE_IDS)
     if not segments:
         report.keep("no_annotations", item["image"])

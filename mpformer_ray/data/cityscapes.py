@@ -110,7 +110,8 @@ def convert_cityscapes_item(item: dict, report: ConversionReport, *, root: str, 
                 return None
     sem, segments = None, []
     if task == "semantic":
-        sem = lookup(labels["label_ids"], LABEL_TO_TRAIN, "labelIds", item["label_ids"], item["image"], report)
+        sem = lookup(labels["label_ids"], LABEL_TO_TRAIN, "labelIds not in the official table", item["label_ids"],
+                     item["image"], report)
         segments = class_segments(sem, [lid for _, lid, _ in TRAIN_CLASSES])
     elif task == "instance":
         inst = labels["instance_ids"]
@@ -119,7 +120,8 @@ def convert_cityscapes_item(item: dict, report: ConversionReport, *, root: str, 
         segments = _thing_segments(inst, train, {t: i for i, t in enumerate(THING_TRAIN_IDS)})
     else:
         inst = labels["instance_ids"]
-        sem = lookup(labels["label_ids"], LABEL_TO_TRAIN, "labelIds", item["label_ids"], item["image"], report)
+        sem = lookup(labels["label_ids"], LABEL_TO_TRAIN, "labelIds not in the official table", item["label_ids"],
+                     item["image"], report)
         label = _instance_labels(inst, item["instance_ids"], item["image"], report)
         known = (label >= 0) & (labels["label_ids"] < NUM_LABEL_IDS)
         disagree = known & (label != labels["label_ids"])

@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -180,6 +181,20 @@ def decode_row(row: dict) -> dict:
             "sem_seg": None if sem is None else np.asarray(Image.open(io.BytesIO(sem)))}
 
 
+@dataclass
+class Work:
+    """What a converter hands ``write_dataset``: the work ``items`` (small picklable descriptions, file paths
+    plus one image's annotations), the manifest ``classes`` and the picklable ``convert(item, report)``.
+    ``key`` names the item field holding the image's path, the name a seeded split (``data.split``) sorts by;
+    ``split`` is the split name the manifest records when it is not the one asked for (ADE20K's "training")."""
+
+    items: list[dict]
+    classes: list[dict]
+    convert: Callable[[Any, ConversionReport], dict | None]
+    key: str = "image"
+    split: str | None = None
+
+
 def _shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
@@ -309,8 +324,9 @@ def _too_many_skipped(split: str, out_uri: str, report: ConversionReport, skippe
 
 
 def _rerun(uri: str) -> str:
-    return (f"re-run jobs/prepare_data.py with --out {uri} and the split's --dataset / --root / --split: it "
-            "converts again what is missing or damaged, keeps the intact shards and writes the manifest")
+    return (f"re-run jobs/prepare_data.py with --out {uri} and the flags the split was prepared with (--dataset and "
+            "its source: --root / --split, or --annotations / --images / --masks ...): it converts again what is "
+            "missing or damaged, keeps the intact shards and writes the manifest")
 
 
 def read_manifest(uri: str) -> dict:

@@ -12,6 +12,8 @@ Distributed use: every worker evaluates a disjoint subset of the images, sends `
 
 from __future__ import annotations
 
+import numpy as np
+
 from mpformer_ray.evaluation.instance import InstanceEvaluator
 from mpformer_ray.evaluation.panoptic import PanopticEvaluator
 from mpformer_ray.evaluation.semantic import SemanticEvaluator, gt_semantic_map
@@ -108,11 +110,41 @@ class Evaluator:
                 self.counts[task] += s["counts"][task]
             self.image_ids |= set(s["image_ids"])
 
+    def _reported(self) -> list[str]:
+        """The metrics' tasks that report: those asked for, and those the predictions fed anyway."""
+        return [task for task, _ in sorted(self.metrics.items(), key=lambda kv: list(TASKS).index(kv[0]))
+                if task in self.tasks or self.counts[task] > 0]
+
     def evaluate(self) -> dict[str, float]:
         """Flat metrics in percent, e.g. "sem_seg/mIoU", "segm/AP", "panoptic/PQ" (nan when undefined)."""
         out: dict[str, float] = {}
-        for task, metric in self.metrics.items():
-            if task in self.tasks or self.counts[task] > 0:
-                out.update(metric.evaluate())
+        for task in self._reported():
+            out.update(self.metrics[task].evaluate())
         out["num_images"] = float(len(self.image_ids))
         return out
+
+    def per_class(self) -> list[dict]:
+        """One row per class: {"class_id", "name", "type" ("thing" / "stuff"), then "PQ", "SQ", "RQ" (panoptic),
+        "AP" (instance, things only), "IoU", "Acc" (semantic)} for the tasks ``evaluate`` reports, in percent.
+        NaN marks what a metric's mean leaves out (a class never seen, without ground truth, or stuff for AP),
+        so each column's non-NaN values average to the aggregate metric (``panoptic/PQ``, ``segm/AP``,
+        ``sem_seg/mIoU``, ``sem_seg/mAcc``; ``_th`` / ``_st``: the things' / stuff's rows)."""
+        columns: dict[str, np.ndarray] = {}
+        for task in self._reported():
+            values = self.metrics[task].per_class()
+            if task == "instance":  # over the thing classes only: spread to all classes, NaN for stuff
+                values = {name: _spread(v, self.metrics[task].thing_ids, len(self.classes))
+                          for name, v in values.items()}
+            columns.update(values)
+        return [{"class_id": int(c["id"]), "name": c["name"], "type": "thing" if c["isthing"] else "stuff",
+                 **{name: float(v[i]) for name, v in columns.items()}} for i, c in enumerate(self.classes)]
+
+    def confusion(self) -> np.ndarray | None:
+        """The semantic confusion matrix int64 [K, K] (rows = ground truth) when semantic is reported."""
+        return self.metrics["semantic"].confusion.copy() if "semantic" in self._reported() else None
+
+
+def _spread(values: np.ndarray, ids: list[int], num_classes: int) -> np.ndarray:
+    out = np.full(num_classes, np.nan)
+    out[ids] = values
+    return out

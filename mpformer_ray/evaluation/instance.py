@@ -5,6 +5,11 @@ ignores detections matched to crowd regions; detections: mask RLE, score, label)
 states stay small and merge by concatenation. Categories are the thing classes only, by
 contiguous id; detections labelled with a stuff class are dropped (a panoptic model's
 "instances" output should not contain them, and COCO evaluates things only).
+
+Per-class AP is the mean of COCOeval's precision array (IoU thresholds x recall points, all areas,
+100 detections) for that class; a class without non-crowd ground truth has none (NaN). Every other
+class has the same number of entries, so the reported AP, the mean of all entries, is the mean of
+the per-class APs; it is computed as that mean, so the two agree exactly.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class InstanceEvaluator:
     def __init__(self, thing_ids: list[int]):
         self.thing_ids = sorted(int(c) for c in thing_ids)
         self.images: dict[int, dict] = {}
+        self._result: tuple[dict[str, float], np.ndarray] | None = None  # COCOeval's, until more images come
 
     def process(self, image_id: int, size: tuple[int, int], segments: list[dict], instances: dict,
                 where: str = "image") -> None:
@@ -97,12 +103,14 @@ class InstanceEvaluator:
         dts = [{"category_id": int(c), "score": float(s), "rle": r}
                for c, s, r in zip(labels[keep], scores[keep], rles)]
         self.images[int(image_id)] = {"size": [int(size[0]), int(size[1])], "gt": gts, "dt": dts}
+        self._result = None
 
     def state(self) -> dict:
         return {"images": dict(self.images)}
 
     def merge(self, state: dict) -> None:
         self.images.update(state["images"])
+        self._result = None
 
     def _coco(self, kind: str) -> COCO:
         images, anns = [], []
@@ -123,17 +131,38 @@ class InstanceEvaluator:
             coco.createIndex()
         return coco
 
-    def evaluate(self) -> dict[str, float]:
-        """{"segm/AP", "segm/AP50", "segm/AP75", "segm/APs", "segm/APm", "segm/APl"} in percent;
-        nan where COCOeval has nothing to average (no non-crowd thing instance, or none in a size range)."""
+    def _run(self) -> tuple[dict[str, float], np.ndarray]:
+        """(the metrics, per-class AP float [len(thing_ids)] in percent), from one COCOeval run per state."""
+        if self._result is not None:
+            return self._result
         has_gt = any(not a["iscrowd"] for im in self.images.values() for a in im["gt"])
         if not has_gt:
-            return {f"segm/{k}": float("nan") for k in _STAT_NAMES}
+            self._result = ({f"segm/{k}": float("nan") for k in _STAT_NAMES}, np.full(len(self.thing_ids), np.nan))
+            return self._result
         gt, dt = self._coco("gt"), self._coco("dt")
         evaluator = COCOeval(gt, dt, iouType="segm")
         with quiet_pycocotools():
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()
-        return {f"segm/{k}": (100.0 * float(v) if v >= 0 else float("nan"))
-                for k, v in zip(_STAT_NAMES, evaluator.stats[:6])}
+        # precision [IoU thresholds, recall points, classes (thing_ids order), areas, max detections]: the
+        # entries of stats[0] are area "all" (index 0) at 100 detections (the last); -1 marks a class without
+        # ground truth, which has no entry at all
+        precision = evaluator.eval["precision"][:, :, :, 0, -1]
+        per_class = np.array([100.0 * float(p[p > -1].mean()) if (p > -1).any() else np.nan
+                              for p in precision.transpose(2, 0, 1)])
+        metrics = {f"segm/{k}": (100.0 * float(v) if v >= 0 else float("nan"))
+                   for k, v in zip(_STAT_NAMES, evaluator.stats[:6])}
+        metrics["segm/AP"] = float(per_class[~np.isnan(per_class)].mean())  # = stats[0] (module docstring)
+        self._result = (metrics, per_class)
+        return self._result
+
+    def per_class(self) -> dict[str, np.ndarray]:
+        """{"AP": float [len(thing_ids)] in percent, in ``thing_ids`` order}; NaN for a class without
+        non-crowd ground truth (left out of the mean, ``segm/AP``)."""
+        return {"AP": self._run()[1]}
+
+    def evaluate(self) -> dict[str, float]:
+        """{"segm/AP", "segm/AP50", "segm/AP75", "segm/APs", "segm/APm", "segm/APl"} in percent;
+        nan where COCOeval has nothing to average (no non-crowd thing instance, or none in a size range)."""
+        return dict(self._run()[0])

@@ -5,8 +5,9 @@ IoU > 0.5, where the union leaves out the predicted pixels on ground-truth void.
 non-crowd ground truth is a false negative; an unmatched prediction is a false positive
 unless more than half of it lies on void or on crowd regions of its own category. Crowd
 ground truth never matches. Per class PQ = sum IoU / (TP + FP/2 + FN/2) = SQ * RQ; the
-reported numbers average over the classes that have any TP, FP or FN (all / things / stuff).
-Only the per-class sums are kept, so worker states are [K] arrays.
+reported numbers average over the classes that have any TP, FP or FN (all / things / stuff),
+which are the classes whose ``per_class`` values are not NaN. Only the per-class sums are kept,
+so worker states are [K] arrays.
 """
 
 from __future__ import annotations
@@ -108,18 +109,27 @@ class PanopticEvaluator:
         for k in self.stats:
             self.stats[k] += np.asarray(state[k], dtype=np.float64)
 
-    def evaluate(self) -> dict[str, float]:
-        """{"panoptic/PQ", "panoptic/SQ", "panoptic/RQ"} and the same with suffixes _th (things) and
-        _st (stuff), in percent; nan for a split with no class that has a TP, FP or FN."""
+    def per_class(self) -> dict[str, np.ndarray]:
+        """{"PQ", "SQ", "RQ"}: float [K] in percent; NaN for a class with no TP, FP or FN (left out of every
+        average), SQ 0 for a class with FP or FN but no TP (panopticapi's rule, counted in the averages)."""
         s = self.stats
         denom = s["tp"] + 0.5 * s["fp"] + 0.5 * s["fn"]
         seen = denom > 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            pq = np.where(seen, s["iou"] / np.where(seen, denom, 1), 0.0)
-            sq = np.where(s["tp"] > 0, s["iou"] / np.maximum(s["tp"], 1), 0.0)
-            rq = np.where(seen, s["tp"] / np.where(seen, denom, 1), 0.0)
+        safe = np.where(seen, denom, 1)
+        return {
+            "PQ": np.where(seen, 100.0 * s["iou"] / safe, np.nan),
+            "SQ": np.where(seen, np.where(s["tp"] > 0, 100.0 * s["iou"] / np.maximum(s["tp"], 1), 0.0), np.nan),
+            "RQ": np.where(seen, 100.0 * s["tp"] / safe, np.nan),
+        }
+
+    def evaluate(self) -> dict[str, float]:
+        """{"panoptic/PQ", "panoptic/SQ", "panoptic/RQ"} and the same with suffixes _th (things) and
+        _st (stuff), in percent: the means of ``per_class`` over its non-NaN entries (of the things, the
+        stuff); nan for a split with no class that has a TP, FP or FN."""
+        values = self.per_class()
+        seen = ~np.isnan(values["PQ"])
         out = {}
         for suffix, select in (("", seen), ("_th", seen & self.isthing), ("_st", seen & ~self.isthing)):
-            for name, values in (("PQ", pq), ("SQ", sq), ("RQ", rq)):
-                out[f"panoptic/{name}{suffix}"] = 100.0 * float(values[select].mean()) if select.any() else float("nan")
+            for name in ("PQ", "SQ", "RQ"):
+                out[f"panoptic/{name}{suffix}"] = float(values[name][select].mean()) if select.any() else float("nan")
         return out

@@ -1,9 +1,10 @@
 """Run a model over a validation split: PQ / AP / mIoU plus MP-Former's per-layer mask consistency.
 
-One function, ``evaluate_model``, used by ``jobs/evaluate.py`` and by every training worker
-at each evaluation period. Images are evaluated one at a time at the test resolution
-(``data.test_short_side`` / ``data.test_max_size``), and predictions are resized back to the
-original resolution inside the model, so metrics compare against the untouched ground truth.
+One function, ``evaluate_split`` (metrics, per-class table, confusion matrix), used by ``jobs/evaluate.py``
+and by every training worker at each evaluation period; ``evaluate_model`` gives its metrics alone.
+Images are evaluated one at a time at the test resolution (``data.test_short_side`` /
+``data.test_max_size``), and predictions are resized back to the original resolution inside the
+model, so metrics compare against the untouched ground truth.
 
 Distributed use: rank r of W evaluates images r, r + W, r + 2W, ... (after the first
 ``max_images``); when ``torch.distributed`` is initialised the per-rank metric states are
@@ -30,6 +31,7 @@ from mpformer_ray.data.records import DataError, decode_row, read_manifest, shar
 from mpformer_ray.data.transforms import eval_transform, normalize
 from mpformer_ray.evaluation.consistency import MaskConsistency
 from mpformer_ray.evaluation.evaluator import Evaluator
+from mpformer_ray.evaluation.report import Evaluation
 from mpformer_ray.log import format_eta
 from mpformer_ray.model.transformer_decoder import DecoderOutput
 from mpformer_ray.tasks import tasks_for
@@ -152,7 +154,12 @@ def _merge_ranks(evaluator: Evaluator, consistency: MaskConsistency, seconds: fl
     return seconds
 
 
-def evaluate_model(
+def evaluate_model(model: nn.Module, val_uri: str, cfg: Config, classes: list[dict], **kwargs) -> dict[str, float]:
+    """The metrics of ``evaluate_split`` (same arguments)."""
+    return evaluate_split(model, val_uri, cfg, classes, **kwargs).metrics
+
+
+def evaluate_split(
     model: nn.Module,
     val_uri: str,
     cfg: Config,
@@ -162,7 +169,7 @@ def evaluate_model(
     rank: int = 0,
     world_size: int = 1,
     max_images: int = 0,
-) -> dict[str, float]:
+) -> Evaluation:
     """Evaluate ``model`` on the prepared split at ``val_uri``.
 
     Args:
@@ -176,10 +183,11 @@ def evaluate_model(
         max_images: evaluate only the split's first ``max_images`` images (0 = all).
 
     Returns:
-        Flat metrics, identical on every rank: the Evaluator's ("panoptic/PQ", "segm/AP",
+        The same on every rank: flat ``metrics``, the Evaluator's ("panoptic/PQ", "segm/AP",
         "sem_seg/mIoU", ... in percent, "num_images") and the consistency diagnostic
         ("consistency/layer_{i}_{i+1}", "consistency/mean", IoU in [0, 1]) and "eval_seconds"
-        (wall time of the slowest rank).
+        (wall time of the slowest rank); ``per_class`` (``Evaluator.per_class``) and ``confusion``
+        (semantic, else None).
     """
     core = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     device = torch.device(device)
@@ -208,4 +216,4 @@ def evaluate_model(
     if rank == 0:
         log.info("evaluation done: %s", "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                                                   if not math.isnan(v)))
-    return metrics
+    return Evaluation(metrics, evaluator.per_class(), evaluator.confusion())

@@ -3,7 +3,8 @@
 Pixels whose ground truth is 255 are ignored. Prediction = argmax of the class scores.
 mIoU averages the per-class IoU over the classes that occur in the ground truth or the
 prediction of the evaluated images (a class predicted but never present scores IoU 0);
-classes absent from both are left out, as detectron2 does.
+classes absent from both are left out, as detectron2 does: they are the NaN entries of
+``per_class``, whose other entries average to the reported numbers.
 """
 
 from __future__ import annotations
@@ -74,22 +75,31 @@ class SemanticEvaluator:
     def merge(self, state: dict) -> None:
         self.confusion += np.asarray(state["confusion"], dtype=np.int64)
 
-    def evaluate(self) -> dict[str, float]:
-        """{"sem_seg/mIoU", "sem_seg/fwIoU", "sem_seg/mAcc", "sem_seg/pAcc"} in percent (nan when
-        no pixel was evaluated)."""
+    def per_class(self) -> dict[str, np.ndarray]:
+        """{"IoU", "Acc"}: float [K] in percent. IoU is NaN for a class neither in the ground truth nor
+        predicted, Acc (the share of the class's pixels predicted as it) NaN for a class not in the ground
+        truth; all NaN when no pixel was evaluated."""
         conf = self.confusion.astype(np.float64)
         tp = np.diag(conf)
         gt_pixels, pred_pixels = conf.sum(axis=1), conf.sum(axis=0)
         union = gt_pixels + pred_pixels - tp
+        return {"IoU": np.where(union > 0, 100.0 * tp / np.where(union > 0, union, 1), np.nan),
+                "Acc": np.where(gt_pixels > 0, 100.0 * tp / np.where(gt_pixels > 0, gt_pixels, 1), np.nan)}
+
+    def evaluate(self) -> dict[str, float]:
+        """{"sem_seg/mIoU", "sem_seg/fwIoU", "sem_seg/mAcc", "sem_seg/pAcc"} in percent (nan when
+        no pixel was evaluated); mIoU and mAcc are the means of ``per_class``'s non-NaN entries."""
+        conf = self.confusion.astype(np.float64)
+        tp = np.diag(conf)
+        gt_pixels = conf.sum(axis=1)
         total = gt_pixels.sum()
         if total == 0:
             return {f"sem_seg/{k}": float("nan") for k in ("mIoU", "fwIoU", "mAcc", "pAcc")}
-        present = union > 0
-        in_gt = gt_pixels > 0
-        iou = tp[present] / union[present]
+        values = self.per_class()
+        present, in_gt = ~np.isnan(values["IoU"]), ~np.isnan(values["Acc"])
         return {
-            "sem_seg/mIoU": 100.0 * float(iou.mean()),
-            "sem_seg/fwIoU": 100.0 * float((gt_pixels[present] / total * iou).sum()),
-            "sem_seg/mAcc": 100.0 * float((tp[in_gt] / gt_pixels[in_gt]).mean()),
+            "sem_seg/mIoU": float(values["IoU"][present].mean()),
+            "sem_seg/fwIoU": float((gt_pixels[present] / total * values["IoU"][present]).sum()),
+            "sem_seg/mAcc": float(values["Acc"][in_gt].mean()),
             "sem_seg/pAcc": 100.0 * float(tp.sum() / total),
         }

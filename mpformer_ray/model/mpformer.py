@@ -11,13 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mpformer_ray.config import Config, ModelConfig
+from mpformer_ray.config import Config, ConfigError, ModelConfig
 from mpformer_ray.model.backbone import build_backbone
 from mpformer_ray.model.criterion import SetCriterion
 from mpformer_ray.model.pilot import PilotQueries
 from mpformer_ray.model.pixel_decoder import MSDeformAttnPixelDecoder
-from mpformer_ray.model.postprocess import (compact_inference, instance_inference, panoptic_inference, resize_masks,
-                                            semantic_inference)
+from mpformer_ray.model.postprocess import query_inference, thing_ids
 from mpformer_ray.model.transformer_decoder import DecoderOutput, MultiScaleMaskedTransformerDecoder
 
 Target = dict[str, Tensor]
@@ -35,8 +34,7 @@ class MPFormer(nn.Module):
         self.predictor = MultiScaleMaskedTransformerDecoder(cfg, in_channels=cfg.hidden_dim)
         self.pilot = PilotQueries.from_config(cfg) if cfg.pilot.enabled else None
         self.criterion = SetCriterion.from_config(cfg)
-        things = range(cfg.num_classes) if cfg.thing_classes is None else cfg.thing_classes
-        self.thing_ids = set(things)
+        self.thing_ids = thing_ids(cfg)
 
     def num_parameters(self, exclude_training_only: bool = True) -> int:
         """Parameter count; by default without the training-only pilot label embedding."""
@@ -121,39 +119,18 @@ class MPFormer(nn.Module):
         """Decoder outputs of images of ``input_size`` (padded to ``padded``) -> one result dict per image;
         with ``compact`` the same results in ``postprocess.compact_inference``'s form, on the CPU, without
         any query's or class's full-resolution float map (prediction and evaluation of large images)."""
-        logits, masks = outputs.pred_logits, outputs.pred_masks
-        b = logits.shape[0]
-        image_sizes = image_sizes or [tuple(input_size)] * b
-        output_sizes = output_sizes or image_sizes
-        if len(image_sizes) != b or len(output_sizes) != b:
-            raise ValueError(f"MPFormer: image_sizes / output_sizes need one (h, w) per image ({b})")
-        t = self.cfg.test
-        results = []
-        device = logits.device
-        for i in range(b):
-            with torch.autocast(device.type, enabled=False):  # float32 results even under AMP
-                mask_cls = logits[i].float()
-                if compact:
-                    results.append(compact_inference(
-                        mask_cls, masks[i], padded, image_sizes[i], output_sizes[i], self.thing_ids,
-                        semantic=t.semantic_on, panoptic=t.panoptic_on, instance=t.instance_on,
-                        object_mask_threshold=t.object_mask_threshold, overlap_threshold=t.overlap_threshold,
-                        max_detections=t.max_detections))
-                    continue
-                mask_pred = resize_masks(masks[i].float(), padded, image_sizes[i], output_sizes[i])
-                result: dict = {}
-                if t.semantic_on:
-                    result["sem_seg"] = semantic_inference(mask_cls, mask_pred)
-                if t.panoptic_on:
-                    result["panoptic"] = panoptic_inference(mask_cls, mask_pred, self.thing_ids,
-                                                            t.object_mask_threshold, t.overlap_threshold)
-                if t.instance_on:
-                    result["instances"] = instance_inference(mask_cls, mask_pred, self.thing_ids,
-                                                             t.max_detections)
-            results.append(result)
-        return results
+        return query_inference(outputs.pred_logits, outputs.pred_masks, self.cfg.test, self.thing_ids, input_size,
+                               padded, image_sizes, output_sizes, compact)
 
 
 def build_model(cfg: Config | ModelConfig) -> MPFormer:
-    """The MP-Former described by ``cfg`` (a whole Config or its ``model`` section)."""
-    return MPFormer(cfg.model if isinstance(cfg, Config) else cfg)
+    """The MP-Former described by ``cfg`` (a whole Config or its ``model`` section). Its classes must be set:
+    the presets leave ``model.num_classes`` to the data, which the training job's preflight reads, and a
+    checkpoint's config holds them; anything else fills them with ``config.with_classes``."""
+    model_cfg = cfg.model if isinstance(cfg, Config) else cfg
+    if model_cfg.num_classes is None:
+        raise ConfigError(
+            "model.num_classes is not set: it comes from the training data (jobs/train.py reads it from data.train's "
+            "manifest). To build a model without that, take the classes of the data it is for with "
+            "mpformer_ray.config.with_classes(cfg, read_manifest(uri)['classes']), or set --set model.num_classes=K")
+    return MPFormer(model_cfg)

@@ -3,6 +3,11 @@
 Same semantics as Deformable DETR's CUDA op: bilinear sampling with ``align_corners=False`` (a location
 in [0, 1] maps to pixel coordinate ``loc * size - 0.5``) and zeros outside the map; the op runs in float32
 (float64 stays float64) like the original's ``custom_fwd(cast_inputs=torch.float32)`` under AMP.
+
+The level shapes come as Deformable DETR's int64 [L, 2] tensor or as the L (h, w) pairs read off the
+feature maps' ``shape``. The pixel decoder passes the pairs: under ``torch.onnx.export``'s tracer they are
+the traced sizes, so the exported graph follows the input's height and width, where the tensor's values
+would be frozen into it. Both give the same values, bit for bit.
 """
 
 from __future__ import annotations
@@ -16,22 +21,33 @@ from torch import Tensor, nn
 from mpformer_ray.model.transfer import to_device
 
 
-def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+Shapes = Tensor | list[tuple[int, int]]
+
+
+def level_shapes(spatial_shapes: Shapes) -> list[tuple[int, int]]:
+    """int64 [L, 2] tensor (best on the host: it is read as Python ints) or L (h, w) pairs -> the pairs."""
+    if isinstance(spatial_shapes, Tensor):
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return [(h, w) for h, w in spatial_shapes]
+
+
+def ms_deform_attn(value: Tensor, spatial_shapes: Shapes, level_start_index: Tensor | None,
                    sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """Sample every level at each query's points and sum them with the attention weights.
 
     value:              [B, S, nH, Dh], the L levels flattened and concatenated (S = sum h_l * w_l)
-    spatial_shapes:     int64 [L, 2], (h_l, w_l) per level (best on the host: it is read as Python ints)
+    spatial_shapes:     int64 [L, 2], (h_l, w_l) per level, or the L (h_l, w_l) pairs (module docstring)
     level_start_index:  int64 [L], offset of each level in S (implied by spatial_shapes; kept for the
-                        CUDA op's signature)
+                        CUDA op's signature; may be None)
     sampling_locations: [B, Lq, nH, L, P, 2], (x, y) in [0, 1] (outside reads zeros)
     attention_weights:  [B, Lq, nH, L, P]
     returns             [B, Lq, nH * Dh] in value's dtype
     """
     b, s, n_heads, head_dim = value.shape
     _, n_queries, _, n_levels, n_points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    if len(shapes) != n_levels or sum(h * w for h, w in shapes) != s:
+    shapes = level_shapes(spatial_shapes)
+    # traced sizes (torch.onnx.export) cannot be compared in Python; the graph's own ops check them
+    if not torch.jit.is_tracing() and (len(shapes) != n_levels or sum(h * w for h, w in shapes) != s):
         raise ValueError(f"ms_deform_attn: spatial_shapes {shapes} do not match value length {s} "
                          f"and {n_levels} sampling levels")
     dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
@@ -80,13 +96,13 @@ class MSDeformAttn(nn.Module):
             nn.init.xavier_uniform_(proj.weight)
             nn.init.constant_(proj.bias, 0.0)
 
-    def forward(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor, spatial_shapes: Tensor,
-                level_start_index: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    def forward(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor, spatial_shapes: Shapes,
+                level_start_index: Tensor | None, padding_mask: Tensor | None = None) -> Tensor:
         """
         query:            [B, Lq, C]
         reference_points: [B, Lq, L, 2] (x, y) in [0, 1], or [B, Lq, L, 4] boxes (cx, cy, w, h)
         input_flatten:    [B, S, C], the L levels flattened and concatenated
-        spatial_shapes:   int64 [L, 2] (h, w); level_start_index: int64 [L]
+        spatial_shapes:   int64 [L, 2] (h, w), or the L (h, w) pairs; level_start_index: int64 [L] or None
         padding_mask:     bool [B, S], True at padding (its values are zeroed), or None
         returns           [B, Lq, C]
         """
@@ -101,7 +117,7 @@ class MSDeformAttn(nn.Module):
         weights = weights.softmax(-1).view(b, n_queries, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: normalise by (w, h)
-            normalizer = to_device(spatial_shapes.flip(-1), reference_points.device, reference_points.dtype)
+            normalizer = to_device(_widths_heights(spatial_shapes), reference_points.device, reference_points.dtype)
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             locations = (reference_points[:, :, None, :, None, :2]
@@ -111,3 +127,11 @@ class MSDeformAttn(nn.Module):
                              f"{tuple(reference_points.shape)}")
         out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
         return self.output_proj(out)
+
+
+def _widths_heights(spatial_shapes: Shapes) -> Tensor:
+    """int64 [L, 2] (w, h) per level. From the pairs by stacking: traced sizes (0-dim tensors under
+    ``torch.onnx.export``) stay in the graph, where ``torch.tensor`` would freeze their values."""
+    if isinstance(spatial_shapes, Tensor):
+        return spatial_shapes.flip(-1)
+    return torch.stack([torch.stack([torch.as_tensor(w), torch.as_tensor(h)]) for h, w in spatial_shapes])

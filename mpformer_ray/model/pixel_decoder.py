@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from mpformer_ray.config import ModelConfig
 from mpformer_ray.model.backbone import group_norm
-from mpformer_ray.model.ms_deform_attn import MSDeformAttn
+from mpformer_ray.model.ms_deform_attn import MSDeformAttn, Shapes
 from mpformer_ray.model.position_encoding import PositionEmbeddingSine
 
 ENCODER_FEATURES = ("res3", "res4", "res5")  # strides 8, 16, 32
@@ -42,8 +42,8 @@ class DeformableEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
-                level_start_index: Tensor) -> Tensor:
+    def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Shapes,
+                level_start_index: Tensor | None) -> Tensor:
         """src, pos: [B, S, C]; reference_points: [B, S, L, 2] -> [B, S, C]."""
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index)
         src = self.norm1(src + self.dropout1(attn))
@@ -75,8 +75,10 @@ class DeformableEncoder(nn.Module):
         """Pixel centres of every level, normalised to [0, 1]: [B, S, L, 2] as (x, y)."""
         points = []
         for h, w in shapes:
-            ys, xs = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, device=device) / h,
-                                    torch.linspace(0.5, w - 0.5, w, device=device) / w, indexing="ij")
+            # arange + 0.5 is linspace(0.5, h - 0.5, h) exactly (the centres are whole numbers plus a half), and
+            # unlike ONNX's linspace it holds for a 1-pixel side too (an exported graph's 32-pixel-wide input)
+            ys, xs = torch.meshgrid((torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h,
+                                    (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w, indexing="ij")
             points.append(torch.stack((xs.reshape(-1), ys.reshape(-1)), -1))
         ref = torch.cat(points, 0)  # [S, 2]
         return ref[None, :, None, :].expand(batch, -1, len(shapes), -1)
@@ -86,13 +88,11 @@ class DeformableEncoder(nn.Module):
         shapes = [(x.shape[2], x.shape[3]) for x in srcs]
         src = torch.cat([x.flatten(2).transpose(1, 2) for x in srcs], 1)
         pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl] for lvl, p in enumerate(pos_embeds)], 1)
-        # level shapes stay on the host: ms_deform_attn reads them as Python ints, and reading a device
-        # tensor would make the host wait for the GPU in every encoder layer
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long)
-        level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        # the level shapes go to the attention as the maps' own sizes: Python ints that never make the host
+        # wait for the GPU, and traced sizes under torch.onnx.export (an input-size-independent graph)
         reference_points = self.reference_points(shapes, src.shape[0], src.device)
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index)
+            src = layer(src, pos, reference_points, shapes, None)
         return src, shapes
 
 

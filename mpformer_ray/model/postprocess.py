@@ -8,6 +8,9 @@ for the model's own outputs at the network's resolution, gigabytes for a photo.
 ``compact_inference`` gives the same results from the masks at the model's resolution while only a band
 of output columns exists at full resolution: the semantic label map instead of the class scores, and the
 instance masks as COCO RLEs (see its docstring). Prediction and evaluation use it.
+
+``query_inference`` runs them over a batch's final queries as the config's ``model.test`` asks: the one
+post-processing of ``MPFormer.postprocess`` and of an exported graph's outputs (``mpformer_ray.export``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_util
 from torch import Tensor
+
+from mpformer_ray.config import InferenceConfig, ModelConfig
 
 # compact_inference's working set: the width-resized columns of one group (plus a quarter of that for
 # the queries being width-resized), and one band at the output resolution (masks, their sigmoid and the
@@ -231,3 +236,45 @@ def compact_inference(mask_cls: Tensor, mask_pred: Tensor, padded_size: tuple[in
                                "labels": det_labels.cpu()}
     return result
 
+
+
+def thing_ids(cfg: ModelConfig) -> set[int]:
+    """The contiguous ids of the "thing" classes: ``model.thing_classes``, else every class."""
+    return set(range(cfg.num_classes) if cfg.thing_classes is None else cfg.thing_classes)
+
+
+def query_inference(logits: Tensor, masks: Tensor, test: InferenceConfig, things: set[int],
+                    input_size: tuple[int, int], padded: tuple[int, int], image_sizes: list[tuple[int, int]] | None,
+                    output_sizes: list[tuple[int, int]] | None, compact: bool = False) -> list[dict]:
+    """The final queries of B images of ``input_size`` (padded to ``padded``): ``logits`` [B, Q, K+1],
+    ``masks`` [B, Q, H/4, W/4] of the padded size -> one result dict per image with the tasks ``test``
+    enables, each cropped to its valid ``image_sizes`` region (default: the whole input) and resized to
+    ``output_sizes`` (default: that region); with ``compact`` in ``compact_inference``'s form, on the CPU."""
+    b = logits.shape[0]
+    image_sizes = image_sizes or [tuple(input_size)] * b
+    output_sizes = output_sizes or image_sizes
+    if len(image_sizes) != b or len(output_sizes) != b:
+        raise ValueError(f"MPFormer: image_sizes / output_sizes need one (h, w) per image ({b})")
+    results = []
+    device = logits.device
+    for i in range(b):
+        with torch.autocast(device.type, enabled=False):  # float32 results even under AMP
+            mask_cls = logits[i].float()
+            if compact:
+                results.append(compact_inference(
+                    mask_cls, masks[i], padded, image_sizes[i], output_sizes[i], things,
+                    semantic=test.semantic_on, panoptic=test.panoptic_on, instance=test.instance_on,
+                    object_mask_threshold=test.object_mask_threshold, overlap_threshold=test.overlap_threshold,
+                    max_detections=test.max_detections))
+                continue
+            mask_pred = resize_masks(masks[i].float(), padded, image_sizes[i], output_sizes[i])
+            result: dict = {}
+            if test.semantic_on:
+                result["sem_seg"] = semantic_inference(mask_cls, mask_pred)
+            if test.panoptic_on:
+                result["panoptic"] = panoptic_inference(mask_cls, mask_pred, things, test.object_mask_threshold,
+                                                        test.overlap_threshold)
+            if test.instance_on:
+                result["instances"] = instance_inference(mask_cls, mask_pred, things, test.max_detections)
+        results.append(result)
+    return results

@@ -21,6 +21,7 @@ from torch import nn
 from mpformer_ray import storage
 from mpformer_ray.amp import resolve_amp
 from mpformer_ray.config import Config, ConfigError
+from mpformer_ray.evaluation.report import Evaluation, write_evaluation
 from mpformer_ray.log import format_eta
 from mpformer_ray.model.criterion import total_loss
 from mpformer_ray.train.checkpoint import Checkpoint, CheckpointStore, images_done, initial_weights, load_checkpoint
@@ -35,7 +36,10 @@ Batch = tuple[torch.Tensor, list[dict[str, torch.Tensor]]]
 # images all ranks together trained on before this attempt -> this rank's (epoch, batch) from there on
 Stream = Callable[[int], Iterable[tuple[int, Batch]]]
 Reporter = Callable[[dict[str, float]], None]
-Evaluate = Callable[[nn.Module], dict[str, float]]
+Evaluate = Callable[[nn.Module], Evaluation]
+# {run}/evaluations/iteration_NNNNNNN/: each evaluation's metrics.json, per_class.csv and, with semantic,
+# confusion.csv (evaluation.report)
+EVALUATIONS = "evaluations"
 
 
 def summarize_losses(losses: dict[str, float]) -> dict[str, float]:
@@ -189,15 +193,19 @@ def _start(opt: _Optimization, cfg: Config, store: CheckpointStore, resume_from:
 
 
 def _evaluate(opt: _Optimization, evaluate: Evaluate, done: int, main_metric: str | None,
-              progress: _Progress, rank: int) -> tuple[dict[str, float], bool]:
+              progress: _Progress, rank: int, run_uri: str) -> tuple[dict[str, float], bool]:
     """Evaluate the model at iteration ``done``; returns (its metrics, whether it is the best so far by
-    ``main_metric``, which then becomes ``progress.best``)."""
+    ``main_metric``, which then becomes ``progress.best``). Rank 0 writes the evaluation's metrics and
+    per-class table into the run directory (``EVALUATIONS``)."""
     opt.core.eval()
     with torch.no_grad():
-        results = evaluate(opt.core)
+        evaluation = evaluate(opt.core)
     opt.model.train()
+    results = evaluation.metrics
     if rank == 0:
         log.info("evaluation at iteration %d: %s", done, "  ".join(f"{k} {v:.4g}" for k, v in results.items()))
+        # the confusion picture is jobs/evaluate.py's: a training run writes its numbers only
+        write_evaluation(storage.join(run_uri, EVALUATIONS, f"iteration_{done:07d}"), evaluation, png=False)
     if main_metric and main_metric not in results:
         raise ConfigError(
             f"the evaluation at iteration {done} gave no {main_metric}, the metric this run picks its best "
@@ -238,8 +246,9 @@ def train_loop(
             the same number of times: Ray's ``report`` is a barrier).
         store: where checkpoints go (rank 0 writes).
         classes: the dataset's class list (manifest ``classes``), saved in checkpoints.
-        evaluate: ``model -> metrics``, called on every rank every ``train.eval_period``
-            iterations and at the end; None skips evaluation.
+        evaluate: ``model -> Evaluation`` (``evaluation.runner.evaluate_split``), called on every rank every
+            ``train.eval_period`` iterations and at the end; None skips evaluation. Rank 0 writes each
+            evaluation's files (``EVALUATIONS``) to ``{run}/evaluations/iteration_NNNNNNN/``.
         main_metric: key of ``evaluate``'s result that selects the best checkpoint (higher is better;
             ``mpformer_ray.tasks.main_metric``); an evaluation without it is a ConfigError.
         resume_from: the checkpoint every rank starts from, decided once for all of them (the
@@ -300,7 +309,7 @@ def train_loop(
             is_best = False
             evaluating = evaluate is not None and (done == t.max_iters or (t.eval_period > 0 and done % t.eval_period == 0))
             if evaluating:
-                results, is_best = _evaluate(opt, evaluate, done, main_metric, progress, rank)
+                results, is_best = _evaluate(opt, evaluate, done, main_metric, progress, rank, store.run_uri)
                 metrics.update({"iteration": done, **results})
                 if events:
                     events.add(done, results)

@@ -23,7 +23,7 @@ import ray.train.torch  # noqa: E402
 import torch  # noqa: E402
 
 from mpformer_ray import storage  # noqa: E402
-from mpformer_ray.config import Config  # noqa: E402
+from mpformer_ray.config import Config, ConfigError, with_classes  # noqa: E402
 from mpformer_ray.log import setup_logging  # noqa: E402
 from mpformer_ray.data.records import DataError, check_shards, read_manifest  # noqa: E402
 from mpformer_ray.errors import UserError  # noqa: E402
@@ -50,7 +50,7 @@ class PreflightError(UserError, ValueError):
 class TrainPlan:
     """Everything the workers need, checked on the driver before any worker starts; handed to them whole."""
 
-    cfg: Config  # local URIs absolute, data.train / data.val resolved, model.thing_classes filled
+    cfg: Config  # local URIs absolute, data.train / data.val resolved, model.num_classes / thing_classes filled
     run_uri: str
     classes: list[dict]
     tasks: list[str]  # mpformer_ray.tasks.tasks_for the training split and model.test
@@ -127,13 +127,14 @@ def _check_reachable(cfg: Config, run: str) -> None:
 
 def _read_data(cfg: Config) -> tuple[list[dict], list[str]]:
     """(the training split's classes, the run's tasks), both splits checked against ``cfg`` and each other;
-    fills ``model.thing_classes`` from the data when the config leaves it unset."""
+    fills ``model.num_classes`` and ``model.thing_classes`` from the data where the config leaves them unset
+    (``config.with_classes``; a set value that disagrees is an error naming both)."""
     train = _manifest(cfg.data.train, "data.train")
     classes = train["classes"]
-    if len(classes) != cfg.model.num_classes:
-        raise PreflightError(
-            f"model.num_classes={cfg.model.num_classes} but data.train={cfg.data.train!r} has {len(classes)} "
-            f"classes; set --set model.num_classes={len(classes)}")
+    try:
+        cfg.model = with_classes(cfg, classes, f"data.train={cfg.data.train!r}").model
+    except ConfigError as e:
+        raise PreflightError(str(e)) from None
     val = _manifest(cfg.data.val, "data.val") if cfg.data.val else None
     if val:
         if [c["name"] for c in val["classes"]] != [c["name"] for c in classes]:
@@ -141,8 +142,6 @@ def _read_data(cfg: Config) -> tuple[list[dict], list[str]]:
                                  f"{cfg.data.train!r}; prepare both splits of the same dataset")
     else:
         log.warning("data.val is empty: training runs without evaluation")
-    if cfg.model.thing_classes is None:
-        cfg.model.thing_classes = [c["id"] for c in classes if c["isthing"]]
     return classes, _run_tasks(cfg, train, val)
 
 
@@ -201,7 +200,8 @@ def train_worker(config: dict) -> None:
     # a sweep's trial actors and Train's controller import this module too and need none of them
     # (torchvision and scipy alone take about 2 s to import)
     from mpformer_ray.data.pipeline import stream_batches
-    from mpformer_ray.evaluation.runner import evaluate_model
+    from mpformer_ray.evaluation.report import Evaluation
+    from mpformer_ray.evaluation.runner import evaluate_split
     from mpformer_ray.model import build_model
     from mpformer_ray.train.loop import train_loop
 
@@ -222,8 +222,8 @@ def train_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     store = CheckpointStore(plan.run_uri, keep=cfg.train.keep_checkpoints, job=plan.job)
 
-    def evaluate(net: torch.nn.Module) -> dict[str, float]:
-        return evaluate_model(net, cfg.data.val, cfg, plan.classes, device=device, rank=rank, world_size=world_size,
+    def evaluate(net: torch.nn.Module) -> Evaluation:
+        return evaluate_split(net, cfg.data.val, cfg, plan.classes, device=device, rank=rank, world_size=world_size,
                               max_images=cfg.train.eval_max_images)
 
     train_loop(
